@@ -1,0 +1,2 @@
+"""diffdistill: diffusion step distillation."""
+__version__ = "0.1.0"

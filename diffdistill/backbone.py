@@ -1,0 +1,151 @@
+"""One denoiser interface over any diffusers denoiser.
+
+:class:`DiffusionBackbone` hides the network's native prediction type and its timestep convention:
+objectives call ``backbone(x_t, t, cond, out="x0")`` with continuous ``t in [0, 1]`` and get whichever
+prediction they ask for. :class:`Cond` carries the conditioning (prompt embeddings now; SDXL's pooled
+embeddings and ``time_ids`` fit in ``extra``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import lora
+from .schedule import PREDICTION_TYPES, Schedule, _as_time
+
+
+@dataclass
+class Cond:
+    """Conditioning for a batch: ``embeds`` ``(B, L, D)`` plus backbone-specific ``extra`` tensors
+    (each with batch dimension first), e.g. SDXL's ``text_embeds`` and ``time_ids``."""
+
+    embeds: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.embeds.shape[0]
+
+    def expand(self, n: int) -> "Cond":
+        """This conditioning for a batch of ``n``: unchanged if it already has ``n``; a batch of 1 repeats."""
+        if self.batch_size == n:
+            return self
+        if self.batch_size != 1:
+            raise ValueError(f"conditioning has batch {self.batch_size} but the latents have batch {n}; "
+                             "pass one prompt per latent (or a single prompt for all)")
+        return Cond(self.embeds.expand(n, *self.embeds.shape[1:]),
+                    {k: v.expand(n, *v.shape[1:]) for k, v in self.extra.items()})
+
+    @staticmethod
+    def cat(conds: list["Cond"]) -> "Cond":
+        keys = set(conds[0].extra)
+        if any(set(c.extra) != keys for c in conds):
+            raise ValueError("cannot batch conditionings with different extra keys")
+        return Cond(torch.cat([c.embeds for c in conds]), {k: torch.cat([c.extra[k] for c in conds]) for k in keys})
+
+    def to(self, *args, **kwargs) -> "Cond":
+        return Cond(self.embeds.to(*args, **kwargs), {k: v.to(*args, **kwargs) for k, v in self.extra.items()})
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the requested features are captured."""
+
+
+class DiffusionBackbone(nn.Module):
+    """A diffusers denoiser + its :class:`~diffdistill.schedule.Schedule` + its native prediction type.
+
+    ``pred_type`` is one of ``x0 | eps | v | flow`` (``pipeline.py`` translates diffusers' names).
+    """
+
+    def __init__(self, denoiser: nn.Module, schedule: Schedule, pred_type: str):
+        super().__init__()
+        if pred_type not in PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction type {pred_type!r}; expected one of {PREDICTION_TYPES}")
+        self.denoiser = denoiser
+        self.schedule = schedule
+        self.pred_type = pred_type
+
+    # -- the raw network call: the one place that knows the denoiser's signature --------------------
+    def _denoise(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
+        kwargs = {"added_cond_kwargs": cond.extra} if cond.extra else {}
+        return self.denoiser(x_t, timestep, encoder_hidden_states=cond.embeds, return_dict=False, **kwargs)[0]
+
+    def _timesteps(self, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` as a ``(B,)`` float64 tensor and the matching diffusers timesteps in float32."""
+        t = _as_time(t, x_t)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
+            raise ValueError(f"t has shape {tuple(t.shape)}; expected a scalar or ({x_t.shape[0]},)")
+        return t, self.schedule.to_timestep(t).float()
+
+    def raw(self, x_t: torch.Tensor, t, cond: Cond) -> torch.Tensor:
+        """The network's native prediction (type ``self.pred_type``)."""
+        t, timestep = self._timesteps(x_t, t)
+        return self._denoise(x_t, timestep, cond.expand(x_t.shape[0]))
+
+    def forward(self, x_t: torch.Tensor, t, cond: Cond, out: str = "x0") -> torch.Tensor:
+        """The prediction of type ``out`` (``x0 | eps | v | flow``) at ``(x_t, t)`` under ``cond``."""
+        return self.schedule.convert(self.raw(x_t, t, cond), x_t, t, self.pred_type, out)
+
+    def cfg(self, x_t: torch.Tensor, t, cond: Cond, uncond: Cond | None, scale: float, out: str = "x0"):
+        """Classifier-free guidance, diffusers convention: ``uncond + scale * (cond - uncond)``
+        (``scale = 1``: no guidance, one forward). Both branches run as one batch ``[uncond, cond]``
+        as diffusers' pipelines do; the combination is affine, so doing it in the native prediction
+        space and converting afterwards equals doing it in any other space."""
+        if scale == 1.0 or uncond is None:
+            if scale != 1.0:
+                raise ValueError(f"guidance scale {scale} needs an unconditional embedding (uncond)")
+            return self(x_t, t, cond, out=out)
+        B = x_t.shape[0]
+        t64 = _as_time(t, x_t)
+        t2 = t64.repeat(2) if t64.ndim == 1 else t64
+        both = Cond.cat([uncond.expand(B), cond.expand(B)])
+        raw_u, raw_c = self.raw(torch.cat([x_t, x_t]), t2, both).chunk(2)
+        guided = raw_u + scale * (raw_c - raw_u)
+        return self.schedule.convert(guided, x_t, t, self.pred_type, out)
+
+    def features(self, x_t: torch.Tensor, t, cond: Cond, levels: tuple[str, ...] | None = None):
+        """Intermediate activations for discriminator heads: ``{"down_0": ..., "mid": ...}`` (each
+        ``(B, C, H, W)``). The forward stops at the mid block (the decoder half never runs)."""
+        net = self.denoiser
+        blocks = {f"down_{i}": b for i, b in enumerate(getattr(net, "down_blocks", []))}
+        if getattr(net, "mid_block", None) is not None:
+            blocks["mid"] = net.mid_block
+        if not blocks:
+            raise NotImplementedError(f"features() does not know the blocks of {type(net).__name__}")
+        levels = tuple(blocks) if levels is None else levels
+        unknown = [name for name in levels if name not in blocks]
+        if unknown:
+            raise ValueError(f"unknown feature levels {unknown}; this backbone has {list(blocks)}")
+        feats: dict[str, torch.Tensor] = {}
+        last = list(blocks)[max(list(blocks).index(name) for name in levels)]
+
+        def hook(name):
+            def capture(_module, _inputs, output):
+                if name in levels:
+                    feats[name] = output[0] if isinstance(output, tuple) else output
+                if name == last:
+                    raise _StopForward
+            return capture
+
+        handles = [block.register_forward_hook(hook(name)) for name, block in blocks.items()]
+        try:
+            self.raw(x_t, t, cond)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return feats
+
+    @contextlib.contextmanager
+    def adapter(self, name: str | None):
+        """Run with LoRA adapter ``name`` active (``None``: adapters off, i.e. the frozen teacher).
+        Gradient-safe: never touches ``requires_grad`` (see ``lora.py``)."""
+        with lora.active_adapter(self.denoiser, name):
+            yield self

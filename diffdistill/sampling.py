@@ -1,0 +1,118 @@
+"""Samplers as plain functions over a :class:`~diffdistill.backbone.DiffusionBackbone`.
+
+Teacher ODE solvers (:func:`sample_ode`) integrate the probability-flow ODE over a decreasing grid of
+``n + 1`` times. Any schedule ``x_t = alpha x0 + sigma eps`` becomes the straight path
+``x^ = (1 - tau) x0 + tau eps`` after rescaling ``x^ = x_t / (alpha + sigma)``,
+``tau = sigma / (alpha + sigma)``, with velocity ``d x^ / d tau = eps - x0``. Both solvers work in that
+one coordinate system:
+
+* ``euler``: one model call per step. In ``x_t`` it reads ``x_next = alpha' x0 + sigma' eps`` -- DDIM
+  with ``eta = 0`` (Song et al. 2021, eq. 12) on VP schedules, and exactly the flow-matching Euler
+  step (diffusers' ``FlowMatchEulerDiscreteScheduler``) on flow schedules: one formula, two names.
+* ``heun``: Heun's second-order correction (Karras et al. 2022, Alg. 1) on the same velocity; two
+  calls per step, Euler on the last step into ``t = 0``.
+
+Student sampling (:func:`sample_student`) is the few-step rule of DMD2 and LCM: predict ``x0``, then,
+unless it is the last step, re-noise it to the next time with fresh noise.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .backbone import Cond, DiffusionBackbone
+from .schedule import to_x0_eps
+
+SOLVERS = ("euler", "ddim", "heun")
+
+
+def _times(ts, min_len: int) -> list[float]:
+    ts = [float(t) for t in (ts.tolist() if torch.is_tensor(ts) else ts)]
+    if len(ts) < min_len:
+        raise ValueError(f"need at least {min_len} times, got {len(ts)}")
+    if any(not 0.0 <= t <= 1.0 for t in ts):
+        raise ValueError(f"times must lie in [0, 1], got {ts}")
+    if any(b >= a for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"times must be strictly decreasing, got {ts}")
+    return ts
+
+
+def _check_batch(x: torch.Tensor, cond: Cond, uncond: Cond | None) -> None:
+    for name, c in (("cond", cond), ("uncond", uncond)):
+        if c is not None and c.batch_size not in (1, x.shape[0]):
+            raise ValueError(f"{name} holds {c.batch_size} prompts but there are {x.shape[0]} latents; "
+                             "pass one prompt per latent (or a single prompt for all)")
+
+
+def _x0_eps(backbone: DiffusionBackbone, x: torch.Tensor, t: float, cond, uncond, guidance):
+    pred = backbone.cfg(x, t, cond, uncond, guidance, out=backbone.pred_type)
+    return to_x0_eps(pred, x, t, backbone.pred_type, backbone.schedule)
+
+
+@torch.no_grad()
+def sample_ode(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond, ts: Sequence[float] | torch.Tensor,
+               *, uncond: Cond | None = None, guidance: float = 1.0, solver: str = "euler",
+               progress: bool = False) -> torch.Tensor:
+    """Integrate from ``x = noise`` at ``ts[0]`` to ``ts[-1]`` (``len(ts) - 1`` steps) with CFG scale
+    ``guidance`` (diffusers convention). Returns ``x`` at ``ts[-1]`` (the clean sample when it is 0)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    ts = _times(ts, 2)
+    _check_batch(noise, cond, uncond)
+    sched = backbone.schedule
+    a_s = lambda t: (float(sched.alpha(t)), float(sched.sigma(t)))  # noqa: E731
+    x = noise
+    for t, t_next in tqdm(list(zip(ts, ts[1:])), desc=f"{solver} sampling", disable=not progress, leave=False):
+        (a, s), (a2, s2) = a_s(t), a_s(t_next)
+        x0, eps = _x0_eps(backbone, x, t, cond, uncond, guidance)
+        if solver != "heun" or t_next == 0.0:
+            x = a2 * x0 + s2 * eps
+            continue
+        tau, tau2 = s / (a + s), s2 / (a2 + s2)
+        x_hat = x / (a + s)
+        u = eps - x0
+        x_pred = (x_hat + (tau2 - tau) * u) * (a2 + s2)
+        x0_2, eps_2 = _x0_eps(backbone, x_pred, t_next, cond, uncond, guidance)
+        x = (x_hat + (tau2 - tau) * 0.5 * (u + eps_2 - x0_2)) * (a2 + s2)
+    return x
+
+
+@torch.no_grad()
+def sample_student(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond, ts: Sequence[float] | torch.Tensor,
+                   *, uncond: Cond | None = None, guidance: float = 1.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Few-step student sampling: at each time in ``ts`` (strictly decreasing, e.g. ``[1.0]`` for one
+    step) predict ``x0``; between steps re-noise it to the next time with fresh noise from
+    ``generator``. Returns the last ``x0`` prediction."""
+    ts = _times(ts, 1)
+    _check_batch(noise, cond, uncond)
+    x = noise
+    for i, t in enumerate(ts):
+        x0 = backbone.cfg(x, t, cond, uncond, guidance, out="x0")
+        if i + 1 == len(ts):
+            return x0
+        fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x = backbone.schedule.add_noise(x0, fresh, ts[i + 1])
+    raise AssertionError("unreachable")
+
+
+@torch.no_grad()
+def generate(teacher, prompts: Sequence[str], *, num_steps: int = 25, guidance: float = 7.5,
+             generator: torch.Generator | None = None, solver: str = "euler", ts=None,
+             progress: bool = False) -> torch.Tensor:
+    """Text -> images in ``[0, 1]`` ``(B, 3, H, W)`` with the teacher's own DDIM grid (or ``ts``):
+    the same result as ``StableDiffusionPipeline`` with a ``DDIMScheduler`` at the same seed."""
+    from .pipeline import sampling_grid
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    cond = teacher.encode_prompt(prompts)
+    uncond = teacher.empty_cond(len(prompts)) if guidance != 1.0 else None
+    shape = (len(prompts), *teacher.latent_shape)
+    noise = torch.randn(shape, generator=generator, device=teacher.device, dtype=teacher.dtype)
+    ts = sampling_grid(teacher, num_steps) if ts is None else ts
+    latents = sample_ode(teacher.backbone, noise, cond, ts, uncond=uncond, guidance=guidance, solver=solver,
+                         progress=progress)
+    return (teacher.decode_latents(latents) / 2 + 0.5).clamp(0, 1)
