@@ -61,3 +61,27 @@ def tiny_teacher(tiny_sd):
     from diffdistill.pipeline import load_teacher
 
     return load_teacher(tiny_sd)
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact denoiser for data ``x0 ~ N(0, c^2 I)`` under ``schedule``, answering in ``pred_type``
+    with a diffusers-style signature. ``cond_shift`` adds ``cond_shift * mean(embeds)`` so that CFG
+    and conditioning have a visible effect."""
+
+    def __init__(self, schedule, pred_type: str, c: float = 0.5, cond_shift: float = 0.0):
+        super().__init__()
+        self.schedule, self.pred_type, self.c, self.cond_shift = schedule, pred_type, c, cond_shift
+        self.calls = []
+
+    def forward(self, x, timestep, encoder_hidden_states=None, return_dict=False, **_):
+        from diffdistill.schedule import from_x0_eps
+
+        t = self.schedule.from_timestep(timestep.double())
+        self.calls.append(t.clone())
+        a = self.schedule.alpha(t).to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+        s = self.schedule.sigma(t).to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+        x0 = a * self.c**2 / (a**2 * self.c**2 + s**2) * x
+        if encoder_hidden_states is not None and self.cond_shift:
+            x0 = x0 + self.cond_shift * encoder_hidden_states.mean(dim=(1, 2)).view(-1, *[1] * (x.ndim - 1))
+        eps = (x - a * x0) / s.clamp_min(1e-12)
+        return (from_x0_eps(x0, eps, t, self.pred_type, self.schedule),)

@@ -1,0 +1,96 @@
+"""Teacher loading and sampling against stock diffusers' StableDiffusionPipeline, the reference."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from conftest import TINY_PROMPTS
+from diffdistill.pipeline import TeacherLoadError, load_teacher, sampling_grid
+from diffdistill.sampling import generate, sample_ode
+
+
+def _stock(path):
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("fixture,native", [("tiny_sd", "eps"), ("tiny_sd_v", "v")])
+@pytest.mark.parametrize("steps,guidance", [(10, 3.0), (4, 1.0)])
+def test_teacher_sampler_reproduces_stock_pipeline(request, fixture, native, steps, guidance):
+    path = request.getfixturevalue(fixture)
+    teacher = load_teacher(path)
+    assert teacher.backbone.pred_type == native
+    ours = generate(teacher, TINY_PROMPTS, num_steps=steps, guidance=guidance,
+                    generator=torch.Generator().manual_seed(0))
+    ref = _stock(path)(TINY_PROMPTS, num_inference_steps=steps, guidance_scale=guidance,
+                       generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert ours.shape == ref.shape == (2, 3, 16, 16)
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_latents_match_stock_pipeline(tiny_sd, tiny_teacher):
+    pipe = _stock(tiny_sd)
+    ref = pipe(TINY_PROMPTS, num_inference_steps=8, guidance_scale=5.0, generator=torch.Generator().manual_seed(3),
+               output_type="latent").images
+    noise = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
+    cond = tiny_teacher.encode_prompt(TINY_PROMPTS)
+    ours = sample_ode(tiny_teacher.backbone, noise, cond, sampling_grid(tiny_teacher, 8),
+                      uncond=tiny_teacher.empty_cond(2), guidance=5.0)
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_prompt_encoding_and_vae_match_stock_pipeline(tiny_sd, tiny_teacher):
+    pipe = _stock(tiny_sd)
+    ref, neg = pipe.encode_prompt(TINY_PROMPTS, "cpu", 1, True, negative_prompt=None)
+    assert torch.allclose(tiny_teacher.encode_prompt(TINY_PROMPTS).embeds, ref)
+    assert torch.allclose(tiny_teacher.empty_cond(2).embeds, neg)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = tiny_teacher.encode_images(images, sample=False)
+    z_ref = pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
+    assert z.shape == (2, 4, 8, 8) and torch.allclose(z, z_ref, atol=1e-6)
+    assert torch.allclose(tiny_teacher.decode_latents(z), pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample,
+                          atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        tiny_teacher.encode_images(torch.zeros(2, 1, 16, 16))
+
+
+def test_teacher_is_frozen(tiny_teacher):
+    for module in (tiny_teacher.backbone, tiny_teacher.text_encoder, tiny_teacher.vae):
+        assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_bad_paths_are_named(tmp_path):
+    with pytest.raises(TeacherLoadError, match="does not exist"):
+        load_teacher(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TeacherLoadError, match="no model_index.json"):
+        load_teacher(str(tmp_path / "empty"))
+    with pytest.raises(TeacherLoadError, match="not a local folder"):
+        load_teacher("no-such-owner-xyz/no-such-model")  # offline in tests: fails fast, names the id
+
+
+def _copy_with(src, tmp_path, edit_file, **changes):
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    path = dst / edit_file
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return str(dst)
+
+
+def test_unsupported_prediction_type_is_named(tiny_sd, tmp_path):
+    path = _copy_with(tiny_sd, tmp_path, "scheduler/scheduler_config.json", prediction_type="banana")
+    with pytest.raises(TeacherLoadError, match="unsupported prediction_type 'banana'"):
+        load_teacher(path)
+
+
+def test_unsupported_pipeline_is_named(tiny_sd, tmp_path):
+    path = _copy_with(tiny_sd, tmp_path, "model_index.json", _class_name="KandinskyPipeline")
+    with pytest.raises(TeacherLoadError, match="is a KandinskyPipeline"):
+        load_teacher(path)
