@@ -1,0 +1,1 @@
+"""Evaluation: feature extractors, pure metrics, protocols."""
