@@ -1,12 +1,20 @@
 """Training state on disk, safetensors only: tensors in one ``.safetensors`` file, everything else
 (step, optimizer hyper-parameters, config) as JSON in its metadata. Writes are atomic (temporary
 file, then rename), so an interrupted save never leaves a half-written checkpoint behind.
+
+A run's checkpoint is ``<run>/checkpoints/step-NNNNNN/`` holding ``state.safetensors`` (every trainable
+tensor, optimizer state, EMA, RNG; JSON metadata inside), ``config.yaml`` and, written last, the
+marker ``COMPLETE``. It is assembled in ``.tmp-step-NNNNNN`` and renamed into place, so a crash
+mid-save leaves the previous checkpoints untouched. Pruning runs only after the new checkpoint is
+complete and only removes marker-owned ``step-*`` folders inside the run's ``checkpoints/``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -74,3 +82,82 @@ def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     n = len(prefix) + 1
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+MARKER = "COMPLETE"
+STATE_FILE = "state.safetensors"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+class ResumeError(RuntimeError):
+    """A requested resume cannot happen (never answered by silently training from scratch)."""
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Marker-owned checkpoint folders, newest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), reverse=True)
+
+
+def write_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
+                     config_yaml: str, keep: int) -> Path:
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_state(tmp / STATE_FILE, tensors, meta)
+    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / MARKER).write_text(json.dumps({"step": step}))
+    if final.exists():  # re-saving the same step (e.g. the final one): replace the old copy
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(run_dir)[keep:]:
+        shutil.rmtree(old)
+    return final
+
+
+def clean_partial(run_dir: str | Path) -> list[Path]:
+    """Remove ``.tmp-step-*`` leftovers of interrupted saves; returns what was removed."""
+    root = checkpoints_dir(run_dir)
+    removed = [p for p in root.glob(".tmp-step-*")] if root.is_dir() else []
+    for p in removed:
+        shutil.rmtree(p)
+    return removed
+
+
+def find_resume(run_dir: str | Path, resume: str, log=print) -> tuple[dict, dict, Path] | None:
+    """The state to resume from: ``auto`` = newest loadable complete checkpoint (corrupt ones are
+    reported and skipped), ``none`` = fresh (refused if the run already has checkpoints), otherwise a
+    checkpoint folder that must load."""
+    if resume == "none":
+        if complete_checkpoints(run_dir):
+            raise ResumeError(f"{run_dir} already holds checkpoints and train.resume=none; use resume=auto "
+                              "to continue, or a new train.output_dir")
+        return None
+    if resume != "auto":
+        folder = Path(resume)
+        if not (folder / MARKER).is_file():
+            raise ResumeError(f"cannot resume from {folder}: not a complete checkpoint (no {MARKER} marker)")
+        try:
+            return (*load_state(folder / STATE_FILE), folder)
+        except Exception as err:
+            raise ResumeError(f"cannot resume from {folder}: {err}") from err
+    candidates = complete_checkpoints(run_dir)
+    for folder in candidates:
+        try:
+            tensors, meta = load_state(folder / STATE_FILE)
+            return tensors, meta, folder
+        except Exception as err:  # truncated or corrupt: report, fall back to the previous one
+            log(f"warning: checkpoint {folder.name} is unreadable ({type(err).__name__}: {err}); trying an older one")
+    if candidates:
+        raise ResumeError(f"train.resume=auto: every checkpoint in {checkpoints_dir(run_dir)} is unreadable")
+    return None

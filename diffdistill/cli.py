@@ -1,14 +1,10 @@
 """The ``diffdistill`` command line. Sub-commands land with the features they drive
-(``train``, ``eval`` and ``export`` come with the engine, evaluation and export work)."""
+(``eval`` and ``export`` come with the evaluation and export work)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-EMBEDDED_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "teachers" / "digits-sd"
-
 
 def _sample(args) -> int:
     import torch
@@ -26,18 +22,21 @@ def _sample(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    config = load_config(args.config, args.overrides)  # every config error surfaces before a model loads
+    run_dir = train(config)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
 def _demo(args) -> int:
-    """Until the distillation demo exists: sample the embedded teacher if it is there; say what runs."""
-    if not EMBEDDED_TEACHER.joinpath("model_index.json").is_file():
-        print("diffdistill demo: the embedded digits teacher (assets/teachers/digits-sd) is not in this checkout yet,\n"
-              "and no distillation objective has landed, so there is nothing to distill. What exists today:\n"
-              "  diffdistill sample <diffusers folder or hub id> \"a prompt\"   (teacher sampling)\n"
-              "  make test                                                   (schedules, backbone, samplers)")
-        return 0
-    print("diffdistill demo: no distillation objective has landed yet; sampling the embedded teacher instead.")
-    ns = argparse.Namespace(model=str(EMBEDDED_TEACHER), prompt=args.prompt, num_images=16, steps=25,
-                            guidance=4.0, seed=0, out=args.out, upscale=2)
-    return _sample(ns)
+    from .demo import run_demo
+
+    run_demo(args.out, n_per_digit=args.n_per_digit)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,9 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="sample.png")
     p.set_defaults(func=_sample)
 
+    p = sub.add_parser("train", help="distill a teacher into a student (see configs/)")
+    p.add_argument("--config", required=True, help="a YAML config (configs/<method>/<backbone>.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    p.set_defaults(func=_train)
+
     p = sub.add_parser("demo", help="the embedded default, end to end")
-    p.add_argument("--prompt", default="a handwritten digit 7")
-    p.add_argument("--out", default="runs/demo/teacher_grid.png")
+    p.add_argument("--out", default="runs/demo", help="folder for grids and metrics.json")
+    p.add_argument("--n-per-digit", type=int, default=30)
     p.set_defaults(func=_demo)
     return parser
 

@@ -131,3 +131,42 @@ def write_manifest(path: str | Path, seed: int = SPLIT_SEED) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def load_prompts(spec: str, caption_column: str = "caption") -> list[str]:
+    """A prompt pool: ``digits`` (every training caption), a ``.txt`` file (one prompt per line), or a
+    ``.csv`` / ``.jsonl`` file with a ``caption_column``."""
+    import csv
+
+    if spec == "digits":
+        return [caption(d, t) for d in range(10) for t in TRAIN_TEMPLATES]
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {spec!r} does not exist")
+    if path.suffix == ".txt":
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix in (".csv", ".jsonl"):
+        if path.suffix == ".csv":
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows and caption_column not in rows[0]:
+            raise KeyError(f"{spec}: no column {caption_column!r}; it has {sorted(rows[0])} "
+                           "(set data.caption_column)")
+        prompts = [str(row[caption_column]) for row in rows]
+    else:
+        raise ValueError(f"prompt file {spec!r}: expected .txt, .csv or .jsonl")
+    if not prompts:
+        raise ValueError(f"prompt file {spec!r} holds no prompts")
+    return prompts
+
+
+def prompt_batch(pool: Sequence[str], batch_size: int, seed: int, step: int, micro: int = 0,
+                 rank: int = 0) -> tuple[list[str], torch.Generator]:
+    """The prompts of one micro-batch and a generator for its noise, both a pure function of
+    ``(seed, step, micro, rank)``: a resumed run draws exactly what an uninterrupted one would."""
+    key = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).hexdigest()
+    g = torch.Generator().manual_seed(int(key[:15], 16))
+    idx = torch.randint(len(pool), (batch_size,), generator=g).tolist()
+    return [pool[i] for i in idx], g

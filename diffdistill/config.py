@@ -1,0 +1,251 @@
+"""Typed run configuration: dataclasses per section, loaded from YAML plus ``key.sub=value`` overrides.
+
+Sections: ``teacher``, ``student``, ``objective`` (parsed by the chosen objective's own nested
+``Config`` dataclass), ``data``, ``train``, ``eval``, ``attention``. Unknown keys (with a
+did-you-mean), wrong types and impossible values are rejected with the dotted key named, before any
+model is loaded. CFG scales follow diffusers' convention (1 = no guidance); a paper's
+``(1 + w) cond - w uncond`` is written here as ``w + 1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EMBEDDED_TEACHER = str(Path(__file__).resolve().parent.parent / "assets" / "teachers" / "digits-sd")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the dotted key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+@dataclass
+class TeacherConfig:
+    path: str = EMBEDDED_TEACHER  # hub id or local diffusers pipeline folder
+    dtype: str = "float32"
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.path), f"{p}.path", "must name a hub id or a local diffusers folder")
+        _check(self.dtype in ("float32", "float16", "bfloat16"), f"{p}.dtype",
+               f"must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class StudentConfig:
+    kind: str = "full"  # full | lora
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # default: = rank
+    lora_targets: list[str] | None = None  # default: lora.DEFAULT_TARGETS
+    timesteps: list[float] = field(default_factory=lambda: [1.0])  # continuous t, strictly decreasing
+    guidance: float = 1.0  # CFG scale used when sampling the student (diffusers convention)
+
+    def validate(self, p: str) -> None:
+        _check(self.kind in ("full", "lora"), f"{p}.kind", f"must be 'full' or 'lora', got {self.kind!r}")
+        _check(self.lora_rank > 0, f"{p}.lora_rank", f"must be positive, got {self.lora_rank}")
+        _check(len(self.timesteps) > 0, f"{p}.timesteps", "needs at least one time")
+        _check(all(0.0 < t <= 1.0 for t in self.timesteps), f"{p}.timesteps", f"must lie in (0, 1], got {self.timesteps}")
+        _check(all(b < a for a, b in zip(self.timesteps, self.timesteps[1:])), f"{p}.timesteps",
+               f"must be strictly decreasing, got {self.timesteps}")
+        _check(self.guidance >= 1.0, f"{p}.guidance", f"is a diffusers CFG scale (1 = none), must be >= 1, got {self.guidance}")
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "digits"  # 'digits' | a .txt (one per line) | .csv / .jsonl with `caption_column`
+    caption_column: str = "caption"
+    images: str | None = None  # 'digits' | an image folder with captions (objectives that use real images)
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.prompts), f"{p}.prompts", "must be 'digits' or a prompt file")
+        if self.prompts != "digits":
+            _check(Path(self.prompts).suffix in (".txt", ".csv", ".jsonl"), f"{p}.prompts",
+                   f"must be 'digits' or a .txt/.csv/.jsonl file, got {self.prompts!r}")
+            _check(Path(self.prompts).is_file(), f"{p}.prompts", f"file {self.prompts!r} does not exist")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-5
+    seed: int = 0
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | none | a checkpoint folder
+    sample_every: int = 250
+    log_every: int = 10
+    grad_clip: float = 1.0
+    gradient_accumulation: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU only)
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.999
+    max_consecutive_nonfinite: int = 10
+
+    def validate(self, p: str) -> None:
+        for name in ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every",
+                     "gradient_accumulation", "max_consecutive_nonfinite"):
+            _check(getattr(self, name) > 0, f"{p}.{name}", f"must be positive, got {getattr(self, name)}")
+        _check(self.lr > 0, f"{p}.lr", f"must be positive, got {self.lr}")
+        _check(self.grad_clip > 0, f"{p}.grad_clip", f"must be positive, got {self.grad_clip}")
+        _check(0.0 < self.ema_decay < 1.0, f"{p}.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
+        _check(self.mixed_precision in ("no", "fp16", "bf16"), f"{p}.mixed_precision",
+               f"must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        _check(bool(self.output_dir), f"{p}.output_dir", "must be a folder path")
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "digits"
+    num_images: int = 200
+    every: int = 0  # 0: no evaluation during training
+
+    def validate(self, p: str) -> None:
+        _check(self.num_images > 0, f"{p}.num_images", f"must be positive, got {self.num_images}")
+        _check(self.every >= 0, f"{p}.every", f"must be >= 0, got {self.every}")
+
+
+@dataclass
+class AttentionConfig:
+    backend: str = "default"  # the denoiser's own processors until the kernels land
+
+    def validate(self, p: str) -> None:
+        _check(self.backend in ("default", "sdpa"), f"{p}.backend", f"unknown backend {self.backend!r}")
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig
+    student: StudentConfig
+    objective: Any  # the objective's own Config dataclass, with a `name`
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig
+    attention: AttentionConfig
+
+
+SECTIONS = {"teacher": TeacherConfig, "student": StudentConfig, "data": DataConfig, "train": TrainConfig,
+            "eval": EvalConfig, "attention": AttentionConfig}
+
+
+def _coerce(value, tp, key: str):
+    """``value`` checked against the annotation ``tp`` (int, float, str, bool, list[...], X | None)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key,
+               f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def build_section(cls, data: dict | None, prefix: str):
+    """Instantiate dataclass ``cls`` from ``data``; unknown keys and wrong types name the dotted key."""
+    data = dict(data or {})
+    _check(isinstance(data, dict), prefix, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}.{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{prefix}.{key}", f"unknown key{hint}")
+    obj = cls(**{k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in data.items()})
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to the nested dict ``raw``."""
+    if "=" not in override:
+        raise ConfigError(override, "an override must look like section.key=value")
+    key, value = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        _check(isinstance(node, dict), key, "cannot set a sub-key of a non-mapping value")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def config_from_dict(raw: dict) -> Config:
+    from .objectives import OBJECTIVES
+
+    raw = dict(raw or {})
+    known = list(SECTIONS) + ["objective"]
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(key, "unknown section" + (f"; did you mean '{close[0]}'?" if close else ""))
+    objective = dict(raw.get("objective") or {})
+    name = objective.pop("name", None)
+    _check(name is not None, "objective.name", f"is required; one of {sorted(OBJECTIVES)}")
+    if name not in OBJECTIVES:
+        close = difflib.get_close_matches(str(name), list(OBJECTIVES), n=1)
+        raise ConfigError("objective.name", f"unknown objective {name!r}" + (f"; did you mean {close[0]!r}?" if close
+                                                                             else f"; one of {sorted(OBJECTIVES)}"))
+    sections = {k: build_section(cls, raw.get(k), k) for k, cls in SECTIONS.items()}
+    obj_cfg = build_section(OBJECTIVES[name].Config, objective, "objective")
+    return Config(objective=obj_cfg, **sections)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A :class:`Config` from a YAML file (or defaults) plus ``key.sub=value`` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(str(path), "the YAML file must hold a mapping of sections")
+    for override in overrides:
+        apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+def config_to_dict(config: Config) -> dict:
+    out = {}
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        out[f.name] = dataclasses.asdict(section)
+    out["objective"] = {"name": config.objective.name, **out["objective"]}
+    return out
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

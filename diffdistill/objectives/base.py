@@ -1,0 +1,61 @@
+"""The objective contract (DESIGN §2): an objective declares its phases once and computes one loss per
+phase; the trainer derives everything else (optimizers, update ratios, ``requires_grad``) from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Phase:
+    name: str            # "student" | "fake_score" | "disc"
+    modules: list[str]   # names of what this phase trains (keys of Objective.trainable)
+    every: int = 1       # update ratio: this phase runs on steps where step % every == 0
+
+
+@dataclass
+class LossOut:
+    total: torch.Tensor                       # the scalar to backpropagate
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # named parts, for logging
+    images: torch.Tensor | None = None        # optional latents/images to show
+
+
+@dataclass
+class Batch:
+    prompts: list[str]
+    generator: torch.Generator  # seeded from (seed, step, micro-step, rank): stateless, so resume is exact
+    step: int
+
+
+@dataclass
+class ObjectiveConfig:
+    """Base for each objective's nested ``Config``; ``name`` is the registry key."""
+
+    name: ClassVar[str] = ""
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+class Objective(nn.Module):
+    """Subclasses set ``Config`` and implement :meth:`phases`, :meth:`loss` and :meth:`trainable`."""
+
+    Config: ClassVar[type] = ObjectiveConfig
+
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def loss(self, phase: str, batch: Batch, step: int) -> LossOut:
+        raise NotImplementedError
+
+    def trainable(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Every trainable parameter group (``{parameter name: parameter}``) by group name, the names
+        ``Phase.modules`` refers to. The group ``student`` is the one EMA tracks and export ships."""
+        raise NotImplementedError
+
+    def prepare(self, run_dir, device) -> None:
+        """One-time work before training (e.g. caching teacher pairs in the run folder). Default: none."""
