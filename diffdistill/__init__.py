@@ -6,5 +6,15 @@ from .sampling import generate, sample_ode, sample_student
 from .schedule import FlowSchedule, VPSchedule, convert
 
 __version__ = "0.1.0"
-__all__ = ["Cond", "DiffusionBackbone", "Teacher", "load_teacher", "generate", "sample_ode", "sample_student",
-           "FlowSchedule", "VPSchedule", "convert"]
+__all__ = [
+           "Cond",
+           "DiffusionBackbone",
+           "FlowSchedule",
+           "Teacher",
+           "VPSchedule",
+           "convert",
+           "generate",
+           "load_teacher",
+           "sample_ode",
+           "sample_student",
+]

@@ -12,7 +12,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import lora
 from .schedule import PREDICTION_TYPES, Schedule, _as_time
@@ -30,7 +30,7 @@ class Cond:
     def batch_size(self) -> int:
         return self.embeds.shape[0]
 
-    def expand(self, n: int) -> "Cond":
+    def expand(self, n: int) -> Cond:
         """This conditioning for a batch of ``n``: unchanged if it already has ``n``; a batch of 1 repeats."""
         if self.batch_size == n:
             return self
@@ -41,13 +41,13 @@ class Cond:
                     {k: v.expand(n, *v.shape[1:]) for k, v in self.extra.items()})
 
     @staticmethod
-    def cat(conds: list["Cond"]) -> "Cond":
+    def cat(conds: list[Cond]) -> Cond:
         keys = set(conds[0].extra)
         if any(set(c.extra) != keys for c in conds):
             raise ValueError("cannot batch conditionings with different extra keys")
         return Cond(torch.cat([c.embeds for c in conds]), {k: torch.cat([c.extra[k] for c in conds]) for k in keys})
 
-    def to(self, *args, **kwargs) -> "Cond":
+    def to(self, *args, **kwargs) -> Cond:
         return Cond(self.embeds.to(*args, **kwargs), {k: v.to(*args, **kwargs) for k, v in self.extra.items()})
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+
 def _sample(args) -> int:
     import torch
 

@@ -156,6 +156,11 @@ def _coerce(value, tp, key: str):
         _check(isinstance(value, (list, tuple)), key, f"expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads '3e-4' (no dot) as a string: accept any float literal
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                f"expected a number, got {type(value).__name__} {value!r}")
         return float(value)

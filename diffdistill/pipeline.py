@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -99,7 +99,7 @@ class Teacher:
         z = latents.to(self.vae.device, self.vae.dtype) / scale + shift
         return self.vae.decode(z, return_dict=False)[0]
 
-    def to(self, device=None, dtype=None) -> "Teacher":
+    def to(self, device=None, dtype=None) -> Teacher:
         for module in (self.backbone, self.text_encoder, self.vae):
             module.to(device=device, dtype=dtype)
         self._empty.clear()

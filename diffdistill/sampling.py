@@ -18,7 +18,7 @@ unless it is the last step, re-noise it to the next time with fresh noise.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -63,7 +63,7 @@ def sample_ode(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond, ts:
     ts = _times(ts, 2)
     _check_batch(noise, cond, uncond)
     sched = backbone.schedule
-    a_s = lambda t: (float(sched.alpha(t)), float(sched.sigma(t)))  # noqa: E731
+    a_s = lambda t: (float(sched.alpha(t)), float(sched.sigma(t)))
     x = noise
     for t, t_next in tqdm(list(zip(ts, ts[1:])), desc=f"{solver} sampling", disable=not progress, leave=False):
         (a, s), (a2, s2) = a_s(t), a_s(t_next)

@@ -27,7 +27,7 @@ everywhere.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -124,7 +124,7 @@ class VPSchedule(Schedule):
         self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), ab.log()])
 
     @classmethod
-    def from_scheduler(cls, scheduler) -> "VPSchedule":
+    def from_scheduler(cls, scheduler) -> VPSchedule:
         """From a diffusers scheduler object (anything with ``alphas_cumprod``) or its config dict."""
         if hasattr(scheduler, "alphas_cumprod"):
             return cls(scheduler.alphas_cumprod)
@@ -280,5 +280,14 @@ def log_snr(schedule: Schedule, t) -> torch.Tensor:
     return 2 * (schedule.alpha(t).log() - schedule.sigma(t).log())
 
 
-__all__ = ["Schedule", "VPSchedule", "FlowSchedule", "convert", "to_x0_eps", "from_x0_eps", "log_snr",
-           "PREDICTION_TYPES", "MIN_COEF"]
+__all__ = [
+    "MIN_COEF",
+    "PREDICTION_TYPES",
+    "FlowSchedule",
+    "Schedule",
+    "VPSchedule",
+    "convert",
+    "from_x0_eps",
+    "log_snr",
+    "to_x0_eps",
+]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import lora
 from .backbone import Cond, DiffusionBackbone

@@ -37,7 +37,8 @@ def write_clip_vocab(out_dir: str | Path) -> tuple[Path, Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    with gzip.open(default_bpe()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]

@@ -77,8 +77,10 @@ class Trainer:
         self.optimizers, self.schedulers = {}, {}
         for phase in self.phases:
             params = [p for m in phase.modules for p in self.groups[m].values()]
-            self.optimizers[phase.name] = torch.optim.AdamW(params, lr=self.cfg.train.lr, weight_decay=0.0)
-            self.schedulers[phase.name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[phase.name], lambda s: 1.0)
+            # prepared by accelerate: with fp16 its optimizer wrapper runs the gradient scaler
+            opt = self.acc.prepare_optimizer(torch.optim.AdamW(params, lr=self.cfg.train.lr, weight_decay=0.0))
+            self.optimizers[phase.name] = opt
+            self.schedulers[phase.name] = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lambda s: 1.0)
         self.ema = EMA(self.groups["student"], decay=cfg.train.ema_decay)
         self.state = RunState(skipped={p.name: 0 for p in self.phases}, consecutive={p.name: 0 for p in self.phases})
 
@@ -113,11 +115,16 @@ class Trainer:
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / accum
         grad_norm = float("nan")
         if bad_term is None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
+            grad_norm = float(self.acc.clip_grad_norm_(params, self.cfg.train.grad_clip))  # unscales under fp16
             if not math.isfinite(grad_norm):
                 bad_term = "gradient"
-        record = {"step": step, "phase": phase.name, **terms_sum, "grad_norm": grad_norm,
-                  "lr": self.schedulers[phase.name].get_last_lr()[0]}
+                if self.acc.scaler is not None:  # fp16 overflow: the scaler skips this step and lowers its scale
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    self.state.skipped[phase.name] += 1
+                    return {**record_base(step, phase, terms_sum, grad_norm, self.schedulers[phase.name]),
+                            "skipped": True, "nonfinite": "gradient (fp16 overflow, loss scale lowered)"}
+        record = record_base(step, phase, terms_sum, grad_norm, self.schedulers[phase.name])
         if bad_term is not None:
             opt.zero_grad(set_to_none=True)
             self.state.skipped[phase.name] += 1
@@ -126,8 +133,8 @@ class Trainer:
             self.log(f"step {step}: non-finite {bad_term} in phase {phase.name!r}; update skipped "
                      f"({self.state.skipped[phase.name]} skipped so far)")
             if self.state.consecutive[phase.name] >= self.cfg.train.max_consecutive_nonfinite:
-                raise NonFiniteError(f"phase {phase.name!r}: {self.state.consecutive[phase.name]} consecutive "
-                                     f"non-finite updates (last: {bad_term}); aborting")
+                record["abort"] = (f"phase {phase.name!r}: {self.state.consecutive[phase.name]} consecutive "
+                                   f"non-finite updates (last: {bad_term}); aborting")
             return record
         opt.step()
         self.schedulers[phase.name].step()
@@ -224,6 +231,10 @@ class Trainer:
                 metrics.write(json.dumps(r) + "\n")
                 self.acc.log({f"{r['phase']}/{k}": v for k, v in r.items()
                               if isinstance(v, float) and math.isfinite(v)}, step=step)
+            aborts = [r["abort"] for r in records if "abort" in r]
+            if aborts:
+                metrics.close()
+                raise NonFiniteError(aborts[0])
             if step % tc.log_every == 0:
                 metrics.flush()
                 bar.set_postfix({k: f"{v:.4g}" for r in records for k, v in r.items()
@@ -236,6 +247,10 @@ class Trainer:
         metrics.close()
         self.acc.end_training()
         return self.run_dir
+
+
+def record_base(step: int, phase, terms: dict, grad_norm: float, scheduler) -> dict:
+    return {"step": step, "phase": phase.name, **terms, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}
 
 
 def train(config: Config) -> Path:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from diffdistill.demo import EMBEDDED_TEACHER  # noqa: E402
-from diffdistill.eval.evaluator import DigitsEvaluator  # noqa: E402
-from diffdistill.eval.protocols import digits_protocol  # noqa: E402
-from diffdistill.images import save_grid  # noqa: E402
+from diffdistill.demo import EMBEDDED_TEACHER
+from diffdistill.eval.evaluator import DigitsEvaluator
+from diffdistill.eval.protocols import digits_protocol
+from diffdistill.images import save_grid
 
 
 def stock_sampler(path: str, steps: int, guidance: float):

@@ -10,10 +10,9 @@ from diffdistill.schedule import to_x0_eps
 
 @pytest.fixture()
 def unet_backbone(tiny_sd):
-    from diffusers import UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from diffdistill.pipeline import schedule_and_prediction, read_model_index  # noqa: F401
-    from diffusers import DDPMScheduler
+    from diffdistill.pipeline import read_model_index, schedule_and_prediction  # noqa: F401
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     schedule, pred = schedule_and_prediction(dict(DDPMScheduler.load_config(tiny_sd, subfolder="scheduler")))
@@ -98,6 +97,5 @@ def test_adapter_switch_keeps_student_gradient(unet_backbone):
     assert all(p.requires_grad for p in student)
     assert sum(p.grad.abs().sum() for p in student if p.grad is not None) > 0
     assert all(p.grad is None for p in lora.lora_parameters(bb.denoiser, "fake_score"))
-    with pytest.raises(KeyError, match="no adapter 'nope'"):
-        with bb.adapter("nope"):
-            pass
+    with pytest.raises(KeyError, match="no adapter 'nope'"), bb.adapter("nope"):
+        pass

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_PROMPTS
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from conftest import TINY_PROMPTS
 from diffdistill.pipeline import TeacherLoadError, load_teacher, sampling_grid
 from diffdistill.sampling import generate, sample_ode
 

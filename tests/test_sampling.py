@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import GaussianDenoiser
 from diffusers import DDPMScheduler
 
-from conftest import GaussianDenoiser
 from diffdistill.backbone import Cond, DiffusionBackbone
 from diffdistill.sampling import sample_ode, sample_student
 from diffdistill.schedule import FlowSchedule, VPSchedule
@@ -17,7 +17,7 @@ FLOW = FlowSchedule(shift=3.0)
 def _exact(schedule, x_T, t_T, t_end):
     """For Gaussian data the probability-flow ODE is linear and keeps the marginals Gaussian:
     x_end = std(t_end) / std(t_T) x_T with std(t)^2 = a^2 c^2 + s^2."""
-    std = lambda t: (schedule.alpha(t).item() ** 2 * C * C + schedule.sigma(t).item() ** 2) ** 0.5  # noqa: E731
+    std = lambda t: (schedule.alpha(t).item() ** 2 * C * C + schedule.sigma(t).item() ** 2) ** 0.5
     return std(t_end) / std(t_T) * x_T
 
 

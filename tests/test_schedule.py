@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from diffdistill.backbone import Cond, DiffusionBackbone
 from diffdistill.sampling import sample_ode
-from diffdistill.schedule import MIN_COEF, PREDICTION_TYPES, FlowSchedule, VPSchedule, convert, from_x0_eps, to_x0_eps
+from diffdistill.schedule import (
+    MIN_COEF,
+    PREDICTION_TYPES,
+    FlowSchedule,
+    VPSchedule,
+    convert,
+    from_x0_eps,
+    to_x0_eps,
+)
 
 BETAS = {
     "sd15_scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
@@ -38,9 +46,9 @@ def test_vp_add_noise_and_velocity_match_ddpm(ddpm):
     vp2 = VPSchedule.from_scheduler(dict(ddpm.config))
     assert (from_x0_eps(x0, eps, t, "v", vp2) - v_ref).abs().max() < 1e-5
     # from x0 (or eps) alone the route divides by sigma (or alpha): float32 rounding in x_t grows by it
-    for src, given, coef in (("x0", x0, vp.sigma(t)), ("eps", eps, vp.alpha(t))):
+    for src, pred, coef in (("x0", x0, vp.sigma(t)), ("eps", eps, vp.alpha(t))):
         tol = 1e-6 / coef.float().view(-1, 1, 1, 1)
-        assert ((vp.convert(given, x_t, t, src, "v") - v_ref).abs() <= tol).all(), src
+        assert ((vp.convert(pred, x_t, t, src, "v") - v_ref).abs() <= tol).all(), src
 
 
 def test_vp_endpoints_and_interpolation(ddpm):

@@ -27,8 +27,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffdistill.checkpoint import (load_optimizer, load_state, optimizer_tensors, prefixed, save_state,
-                                    unprefixed)
+from diffdistill.checkpoint import (
+    load_optimizer,
+    load_state,
+    optimizer_tensors,
+    prefixed,
+    save_state,
+    unprefixed,
+)
 from diffdistill.data import TRAIN_TEMPLATES, caption, load_split
 from diffdistill.ema import EMA
 from diffdistill.schedule import VPSchedule
@@ -159,6 +165,10 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer) -> None:
                                    scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
+    # SD1.5's scheduler_config.json also says clip_sample: false (PNDM does not take the key, DDIM does and
+    # defaults to clipping x0 to [-1, 1], which would wreck latents of unit scale)
+    sched_file = out / "scheduler" / "scheduler_config.json"
+    sched_file.write_text(json.dumps({**json.loads(sched_file.read_text()), "clip_sample": False}, indent=2))
 
 
 def main(argv=None):

@@ -1,1 +1,2 @@
-"""Evaluation: feature extractors, pure metrics, protocols."""
+"""Evaluation: pure metrics (``metrics``), feature extractors and the reference-statistics cache
+(``features``), COCO caption selection (``coco``), named protocols (``protocols``), speed (``speed``)."""

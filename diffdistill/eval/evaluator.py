@@ -9,8 +9,8 @@ Input images: ``(B, 3, H, W)`` in ``[-1, 1]``; other sizes are resized to 32x32 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ class DigitsEvaluator:
         self._class_emb = None
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_PATH, device="cpu") -> "DigitsEvaluator":
+    def load(cls, path: str | Path = DEFAULT_PATH, device="cpu") -> DigitsEvaluator:
         from safetensors.torch import load_file
 
         path = Path(path)

@@ -112,7 +112,7 @@ def _inside_manifold(query: np.ndarray, support: np.ndarray, radii: np.ndarray, 
                            for i in range(0, len(query), chunk)])
 
 
-def precision_recall(real, fake, k: int = 3, chunk: int = 1024) -> dict[str, float]:
+def precision_recall(real, fake, k: int = 3, chunk: int = 512) -> dict[str, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric
     for Assessing Generative Models", eqs. 1-3). Each set's manifold is the union of balls around its
     points with radius the distance to the point's ``k``-th nearest neighbour in the same set.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 @dataclass

@@ -1,0 +1,196 @@
+"""The training loop on the tiny pipeline: exact resume, crash safety, corrupt-checkpoint fallback,
+the non-finite guard, shared-base LoRA."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffdistill import checkpoint as ckpt
+from diffdistill.config import load_config
+from diffdistill.objectives import OBJECTIVES, LossOut, Objective, ObjectiveConfig, Phase
+from diffdistill.trainer import NonFiniteError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny" / "regression.yaml"
+
+
+def _cfg(tiny_sd, run, *overrides):
+    return load_config(TINY, [f"teacher.path={tiny_sd}", f"train.output_dir={run}", *overrides])
+
+
+@dataclass
+class TwoPhaseConfig(ObjectiveConfig):
+    name: ClassVar[str] = "two_phase_test"
+    critic_every: int = 2
+
+
+class TwoPhase(Objective):
+    """A test objective with a second phase (a tiny critic) updated every ``critic_every`` steps."""
+
+    Config = TwoPhaseConfig
+
+    def __init__(self, cfg, teacher, student, prompts):
+        super().__init__()
+        self.cfg, self.teacher, self.student = cfg, teacher, student
+        self.critic = torch.nn.Linear(4, 1)
+
+    def phases(self):
+        return [Phase("student", ["student"]), Phase("critic", ["critic"], every=self.cfg.critic_every)]
+
+    def trainable(self):
+        return {"student": self.student.named_parameters_to_train(), "critic": dict(self.critic.named_parameters())}
+
+    def loss(self, phase, batch, step):
+        z = torch.randn((len(batch.prompts), 4, 8, 8), generator=batch.generator)
+        x0 = self.student(z, 1.0, self.teacher.encode_prompt(batch.prompts))
+        score = self.critic(x0.mean(dim=(2, 3)) if phase == "student" else x0.detach().mean(dim=(2, 3)))
+        total = score.mean() + 0.1 * x0.square().mean() if phase == "student" else F.softplus(-score).mean()
+        return LossOut(total, {f"{phase}_loss": total.detach()})
+
+
+@pytest.fixture()
+def two_phase(monkeypatch):
+    monkeypatch.setitem(OBJECTIVES, "two_phase_test", TwoPhase)
+
+
+def _snapshot(trainer):
+    tensors, _ = trainer._state_tensors()
+    return {k: v.clone() for k, v in tensors.items() if not k.startswith("rng.")}
+
+
+def _losses(run):
+    return [{k: v for k, v in json.loads(line).items()} for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["regression", "two_phase_test"])
+def test_resume_is_bitwise_identical(tiny_sd, tmp_path, two_phase, objective):
+    extra = [f"objective.name={objective}"] + (["objective.critic_every=2"] if objective != "regression" else [])
+    if objective != "regression":
+        extra += ["objective={name: two_phase_test, critic_every: 2}"]
+    straight = Trainer(_cfg(tiny_sd, tmp_path / "a", "train.max_steps=6", *extra))
+    straight.run()
+    first = Trainer(_cfg(tiny_sd, tmp_path / "b", "train.max_steps=2", *extra))
+    first.run()
+    resumed = Trainer(_cfg(tiny_sd, tmp_path / "b", "train.max_steps=6", *extra))
+    resumed.run()
+    a, b = _snapshot(straight), _snapshot(resumed)
+    assert a.keys() == b.keys() and len(a) > 10
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    if objective != "regression":
+        phases = [r["phase"] for r in _losses(tmp_path / "a")]
+        assert phases.count("critic") == 3 and phases.count("student") == 6  # update ratio 1:2
+
+
+def test_corrupt_newest_checkpoint_falls_back(tiny_sd, tmp_path, capsys):
+    Trainer(_cfg(tiny_sd, tmp_path / "a", "train.max_steps=4")).run()
+    run = tmp_path / "b"
+    Trainer(_cfg(tiny_sd, run, "train.max_steps=4")).run()
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000004", "step-000002"]
+    state = run / "checkpoints" / "step-000004" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
+    resumed = Trainer(_cfg(tiny_sd, run, "train.max_steps=4"))
+    resumed.run()
+    assert "step-000004 is unreadable" in capsys.readouterr().out
+    straight = Trainer(_cfg(tiny_sd, tmp_path / "a", "train.max_steps=4"))
+    straight._restore(*ckpt.load_state(tmp_path / "a" / "checkpoints" / "step-000004" / "state.safetensors"))
+    a, b = _snapshot(straight), _snapshot(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_explicit_resume_that_cannot_happen_is_an_error(tiny_sd, tmp_path):
+    with pytest.raises(ckpt.ResumeError, match="not a complete checkpoint"):
+        Trainer(_cfg(tiny_sd, tmp_path / "r", f"train.resume={tmp_path / 'nope'}")).run()
+    Trainer(_cfg(tiny_sd, tmp_path / "r", "train.max_steps=2")).run()
+    with pytest.raises(ckpt.ResumeError, match="already holds checkpoints"):
+        Trainer(_cfg(tiny_sd, tmp_path / "r", "train.resume=none")).run()
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import diffdistill.checkpoint as ckpt
+from diffdistill.config import load_config
+from diffdistill.trainer import Trainer
+real = ckpt.save_state
+def dying_save(path, tensors, meta):
+    if meta["step"] == 4:  # the second checkpoint: write half a file, then die like SIGKILL would
+        real(path, tensors, meta)
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, tensors, meta)
+ckpt.save_state = dying_save
+cfg = load_config(sys.argv[1], sys.argv[2:])
+Trainer(cfg).run()
+"""
+
+
+def test_killed_mid_save_keeps_previous_checkpoint(tiny_sd, tmp_path):
+    run = tmp_path / "run"
+    args = [str(TINY), f"teacher.path={tiny_sd}", f"train.output_dir={run}", "train.max_steps=6"]
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000002"]
+    assert (run / "checkpoints" / ".tmp-step-000004").exists()
+    ckpt.load_state(run / "checkpoints" / "step-000002" / "state.safetensors")  # still loadable
+    trainer = Trainer(_cfg(tiny_sd, run, "train.max_steps=6"))
+    trainer.run()
+    assert not (run / "checkpoints" / ".tmp-step-000004").exists()
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000006", "step-000004"]
+
+
+def test_nonfinite_loss_is_skipped_then_aborts(tiny_sd, tmp_path, monkeypatch):
+    from diffdistill.objectives.regression import Regression
+
+    real = Regression.loss
+
+    def flaky(self, phase, batch, step):
+        out = real(self, phase, batch, step)
+        if step == 1 or step >= 3:
+            out.terms["regression_mse"] = torch.tensor(float("nan"))
+            out.total = out.total * float("nan")
+        return out
+
+    monkeypatch.setattr(Regression, "loss", flaky)
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "n", "train.max_steps=8", "train.max_consecutive_nonfinite=3"))
+    before = {k: p.detach().clone() for k, p in trainer.groups["student"].items()}
+    with pytest.raises(NonFiniteError, match="phase 'student': 3 consecutive non-finite updates \\(last: regression_mse\\)"):
+        trainer.run()
+    records = _losses(tmp_path / "n")
+    assert [r.get("skipped", False) for r in records] == [False, True, False, True, True, True]
+    assert trainer.state.skipped["student"] == 4
+    changed = any(not torch.equal(before[k], p) for k, p in trainer.groups["student"].items())
+    assert changed  # the finite steps did update
+
+
+def test_shared_base_lora_leaves_the_teacher_untouched(tiny_sd, tmp_path):
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "l", "student.kind=lora", "student.lora_rank=4", "train.max_steps=3",
+                           "train.lr=1e-2"))
+    bb, teacher = trainer.student.backbone, trainer.teacher
+    assert bb is teacher.backbone  # one network: the teacher is the student's base
+    from diffdistill.pipeline import load_teacher
+
+    pristine = load_teacher(tiny_sd).backbone
+    x, cond = torch.randn(2, 4, 8, 8), teacher.encode_prompt(["a", "b"])
+    with torch.no_grad():
+        ref = pristine(x, 0.5, cond)
+        with bb.adapter(None):
+            assert torch.equal(bb(x, 0.5, cond), ref)
+    lora_before = {k: p.detach().clone() for k, p in trainer.groups["student"].items()}
+    base_before = {k: p.detach().clone() for k, p in bb.denoiser.named_parameters() if "lora" not in k}
+    trainer.run()
+    with torch.no_grad(), bb.adapter(None):
+        assert torch.equal(bb(x, 0.5, cond), ref)
+    assert all(torch.equal(base_before[k], p) for k, p in bb.denoiser.named_parameters() if "lora" not in k)
+    assert any(not torch.equal(lora_before[k], p) for k, p in trainer.groups["student"].items())
+    assert all(k.count(".student.") == 1 for k in trainer.groups["student"])
