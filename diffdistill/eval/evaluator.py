@@ -9,6 +9,7 @@ Input images: ``(B, 3, H, W)`` in ``[-1, 1]``; other sizes are resized to 32x32 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,10 +37,16 @@ def build_model(config: dict = MODEL_CONFIG):
 
     import open_clip
 
+    root = logging.getLogger()
+    level = root.level
     with tempfile.TemporaryDirectory() as d:
         Path(d, f"{MODEL_NAME}.json").write_text(json.dumps(config))
         open_clip.add_model_config(d)
-        model = open_clip.create_model(MODEL_NAME, pretrained=None)
+        root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly": weights are loaded next
+        try:
+            model = open_clip.create_model(MODEL_NAME, pretrained=None)
+        finally:
+            root.setLevel(level)
     return model
 
 
