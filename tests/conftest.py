@@ -44,6 +44,16 @@ def build_tiny_sd(folder, prediction_type: str = "epsilon", seed: int = 0):
     return str(folder)
 
 
+@pytest.fixture()
+def one_thread():
+    """Small shapes run best on one intra-op thread; two threads on a busy 2-core machine were measured
+    up to 50x slower (oversubscription). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> str:
     """Path of a tiny epsilon-prediction SD pipeline folder, built once per test session."""

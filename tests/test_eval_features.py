@@ -14,14 +14,7 @@ from diffdistill.eval import features as F
 TINY_CLIP = "diffdistill-test-tiny-clip"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small shapes run best on one intra-op thread; two threads on a busy 2-core machine were measured
-    up to 50x slower (oversubscription). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _uint8_images(n, h, w, seed=0):

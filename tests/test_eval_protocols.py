@@ -17,14 +17,7 @@ from diffdistill.eval.protocols import PROTOCOLS, coco_protocol, digits_protocol
 COCO = ("coco2014-30k-256", "coco2014-10k-512-clipg", "coco2017-5k")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small shapes run best on one intra-op thread; two threads on a busy 2-core machine were measured
-    up to 50x slower (oversubscription). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _captions_json(path, n_images=12, per_image=3, first_id=100):

@@ -11,14 +11,7 @@ from diffdistill.eval.speed import SpeedReport, measure_speed
 from diffdistill.sampling import sample_ode, sample_student
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes run best on one intra-op thread; two threads on a busy 2-core machine were measured
-    50x slower (oversubscription). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Count:
