@@ -4,7 +4,6 @@
 from functools import partial
 
 import pytest
-import torch
 from conftest import TINY_PROMPTS
 
 from diffdistill.eval.speed import SpeedReport, measure_speed
