@@ -275,11 +275,6 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t, src: str, dst: str, schedu
     return from_x0_eps(x0, eps, t, dst, schedule)
 
 
-def log_snr(schedule: Schedule, t) -> torch.Tensor:
-    """``log(alpha^2 / sigma^2)``, for loss weightings (inf at ``t = 0``)."""
-    return 2 * (schedule.alpha(t).log() - schedule.sigma(t).log())
-
-
 __all__ = [
     "MIN_COEF",
     "PREDICTION_TYPES",
@@ -288,6 +283,5 @@ __all__ = [
     "VPSchedule",
     "convert",
     "from_x0_eps",
-    "log_snr",
     "to_x0_eps",
 ]

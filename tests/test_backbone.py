@@ -12,7 +12,7 @@ from diffdistill.schedule import to_x0_eps
 def unet_backbone(tiny_sd):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from diffdistill.pipeline import read_model_index, schedule_and_prediction  # noqa: F401
+    from diffdistill.pipeline import schedule_and_prediction
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     schedule, pred = schedule_and_prediction(dict(DDPMScheduler.load_config(tiny_sd, subfolder="scheduler")))

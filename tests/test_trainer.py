@@ -73,9 +73,7 @@ def _losses(run):
 
 @pytest.mark.parametrize("objective", ["regression", "two_phase_test"])
 def test_resume_is_bitwise_identical(tiny_sd, tmp_path, two_phase, objective):
-    extra = [f"objective.name={objective}"] + (["objective.critic_every=2"] if objective != "regression" else [])
-    if objective != "regression":
-        extra += ["objective={name: two_phase_test, critic_every: 2}"]
+    extra = ["objective={name: two_phase_test, critic_every: 2}"] if objective != "regression" else []
     straight = Trainer(_cfg(tiny_sd, tmp_path / "a", "train.max_steps=6", *extra))
     straight.run()
     first = Trainer(_cfg(tiny_sd, tmp_path / "b", "train.max_steps=2", *extra))
