@@ -22,6 +22,9 @@ import yaml
 EMBEDDED_TEACHER = str(Path(__file__).resolve().parent.parent / "assets" / "teachers" / "digits-sd")
 
 
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
 class ConfigError(ValueError):
     """A configuration problem, naming the dotted key."""
 
@@ -69,9 +72,15 @@ class StudentConfig:
 class DataConfig:
     prompts: str = "digits"  # 'digits' | a .txt (one per line) | .csv / .jsonl with `caption_column`
     caption_column: str = "caption"
-    images: str | None = None  # 'digits' | an image folder with captions (objectives that use real images)
+    images: str | None = None  # real images for objectives that use them: 'digits' | a folder | .tar shards
 
     def validate(self, p: str) -> None:
+        if self.images is not None:
+            spec = self.images
+            _check(not spec.startswith("pipe:"), f"{p}.images", "'pipe:' URLs run shell commands and are refused; "
+                   "give a local path or an https:// / s3:// URL")
+            _check(spec == "digits" or ".tar" in spec or "://" in spec or Path(spec).is_dir(), f"{p}.images",
+                   f"must be 'digits', an existing image folder or webdataset .tar shards, got {spec!r}")
         _check(bool(self.prompts), f"{p}.prompts", "must be 'digits' or a prompt file")
         if self.prompts != "digits":
             _check(Path(self.prompts).suffix in (".txt", ".csv", ".jsonl"), f"{p}.prompts",
@@ -82,8 +91,13 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_size: int = 8
+    batch_size: int = 8  # per process and micro-step: global batch = batch_size x processes x accumulation
     lr: float = 1e-5
+    lr_scheduler: str = "constant"  # constant | constant_with_warmup | linear | cosine (diffusers' get_scheduler)
+    lr_warmup_steps: int = 0  # in updates of each phase
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW, every phase
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
     seed: int = 0
     output_dir: str = "runs/default"
     checkpoint_every: int = 500
@@ -103,6 +117,13 @@ class TrainConfig:
                      "gradient_accumulation", "max_consecutive_nonfinite"):
             _check(getattr(self, name) > 0, f"{p}.{name}", f"must be positive, got {getattr(self, name)}")
         _check(self.lr > 0, f"{p}.lr", f"must be positive, got {self.lr}")
+        _check(self.lr_scheduler in LR_SCHEDULERS, f"{p}.lr_scheduler",
+               f"must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        _check(len(self.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in self.adam_betas), f"{p}.adam_betas",
+               f"must be two numbers in [0, 1), got {self.adam_betas}")
+        _check(self.adam_eps > 0, f"{p}.adam_eps", f"must be positive, got {self.adam_eps}")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.lr_warmup_steps >= 0, f"{p}.lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
         _check(self.grad_clip > 0, f"{p}.grad_clip", f"must be positive, got {self.grad_clip}")
         _check(0.0 < self.ema_decay < 1.0, f"{p}.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
         _check(self.mixed_precision in ("no", "fp16", "bf16"), f"{p}.mixed_precision",

@@ -56,6 +56,11 @@ class Teacher:
         cfg = self.backbone.denoiser.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
+    @property
+    def image_size(self) -> int:
+        """Side of the images the VAE decodes the native latents to."""
+        return self.latent_shape[-1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     # -- text ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: str | Sequence[str]) -> Cond:

@@ -5,14 +5,24 @@ Per step, per due phase (``step % phase.every == 0``): make only that phase's pa
 accumulate ``train.gradient_accumulation`` micro-batches of ``objective.loss``, clip, step that
 phase's optimizer and LR scheduler. A non-finite loss or gradient skips the update, is logged and
 counted; ``train.max_consecutive_nonfinite`` skips in a row abort, naming the phase and term.
-Micro-batch prompts and noise are a pure function of (seed, step, micro-step, rank), so a resumed
-run is bitwise identical to an uninterrupted one.
+Every sample's prompt, image and noise are a pure function of (seed, step, global sample index)
+(``batch.py``), so a resumed run is bitwise identical to an uninterrupted one, and a run split over
+processes or micro-batches sees the same global batch as one process.
+
+Several processes (``accelerate launch`` / ``torchrun``): the objective module -- which holds every
+trainable parameter -- is wrapped by ``accelerator.prepare`` (DDP, ``find_unused_parameters`` since
+each phase leaves the other phases' parameters out of its graph); every phase's backward therefore
+averages gradients over processes. Decisions that must agree (skip a non-finite update) are reduced
+over processes first; checkpoints, samples and logs are written by the main process only, and no
+collective runs on one rank alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +33,11 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, dump_config
-from .data import load_prompts, prompt_batch
+from .batch import micro_batch
 from .ema import EMA
 from .images import save_grid
-from .objectives import OBJECTIVES, Batch, Objective
+from .objectives import OBJECTIVES, Objective
+from .sources import load_images, load_prompts
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -45,12 +56,19 @@ class RunState:
 class Trainer:
     def __init__(self, config: Config, accelerator=None):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
         self.cfg, tc = config, config.train
         self.run_dir = Path(tc.output_dir)
+        cuda = torch.cuda.is_available()
         self.acc = accelerator or Accelerator(
-            mixed_precision=tc.mixed_precision if torch.cuda.is_available() else "no",
-            log_with="tensorboard", project_dir=str(self.run_dir / "logs"))
+            mixed_precision=tc.mixed_precision if cuda else "no", cpu=not cuda,  # cpu: gloo under torchrun
+            log_with="tensorboard", project_dir=str(self.run_dir / "logs"),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.acc.num_processes:
+            raise RuntimeError(f"launched as {launched} processes but accelerate sees {self.acc.num_processes}: "
+                               "each would train alone. Launch with torchrun or `accelerate launch` (see README)")
         self.log = self.acc.print
         self._build()
 
@@ -63,6 +81,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.prompts = load_prompts(cfg.data.prompts, cfg.data.caption_column)  # fails before any model loads
         self.teacher = load_teacher(cfg.teacher.path, dtype=DTYPES[cfg.teacher.dtype], device=self.acc.device)
+        self.images = load_images(cfg.data.images, self.teacher.image_size, cfg.data.caption_column)
         self.student = build_student(self.teacher, cfg.student)
         if cfg.train.gradient_checkpointing:
             self.student.backbone.denoiser.enable_gradient_checkpointing()
@@ -74,15 +93,41 @@ class Trainer:
             unknown = [m for m in phase.modules if m not in self.groups]
             if unknown:
                 raise ValueError(f"phase {phase.name!r} trains unknown modules {unknown}; known: {list(self.groups)}")
+        self.model = self._distribute(self.objective)
         self.optimizers, self.schedulers = {}, {}
         for phase in self.phases:
             params = [p for m in phase.modules for p in self.groups[m].values()]
             # prepared by accelerate: with fp16 its optimizer wrapper runs the gradient scaler
-            opt = self.acc.prepare_optimizer(torch.optim.AdamW(params, lr=self.cfg.train.lr, weight_decay=0.0))
+            tc = self.cfg.train
+            opt = self.acc.prepare_optimizer(torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.adam_betas),
+                                                               eps=tc.adam_eps, weight_decay=tc.weight_decay))
             self.optimizers[phase.name] = opt
-            self.schedulers[phase.name] = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lambda s: 1.0)
+            self.schedulers[phase.name] = self._lr_scheduler(opt.optimizer, phase)
         self.ema = EMA(self.groups["student"], decay=cfg.train.ema_decay)
         self.state = RunState(skipped={p.name: 0 for p in self.phases}, consecutive={p.name: 0 for p in self.phases})
+
+    def _distribute(self, objective: Objective) -> torch.nn.Module:
+        """The module whose forward computes a phase's loss: the objective itself on one process, its DDP
+        wrapper (accelerate) on several. DDP registers parameters that require grad, so all are on here."""
+        owned = {id(p) for p in objective.parameters()}
+        stray = [f"{g}.{k}" for g, group in self.groups.items() for k, p in group.items() if id(p) not in owned]
+        if stray:
+            raise ValueError(f"trainable parameters outside the objective module (not synchronised across "
+                             f"processes): {stray[:3]}...; register their modules as attributes of the objective")
+        if self.acc.num_processes == 1:
+            return objective
+        for group in self.groups.values():
+            for p in group.values():
+                p.requires_grad_(True)
+        return self.acc.prepare_model(objective)
+
+    def _lr_scheduler(self, optimizer, phase):
+        from diffusers.optimization import get_scheduler
+
+        tc = self.cfg.train
+        updates = math.ceil(tc.max_steps / phase.every)
+        return get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps,
+                             num_training_steps=updates)
 
     def _activate(self, phase) -> list[torch.nn.Parameter]:
         """The one place that toggles ``requires_grad``: on for this phase's groups, off for the rest."""
@@ -98,21 +143,30 @@ class Trainer:
     # -- one phase update -------------------------------------------------------------------------
     def _update(self, phase, step: int) -> dict:
         params = self._activate(phase)
-        opt, accum = self.optimizers[phase.name], self.cfg.train.gradient_accumulation
+        opt, accum, tc = self.optimizers[phase.name], self.cfg.train.gradient_accumulation, self.cfg.train
         opt.zero_grad(set_to_none=True)
         terms_sum: dict[str, float] = {}
         bad_term = None
         for micro in range(accum):
-            prompts, g = prompt_batch(self.prompts, self.cfg.train.batch_size, self.cfg.train.seed, step, micro,
-                                      self.acc.process_index)
-            with self.acc.autocast():
-                out = self.objective.loss(phase.name, Batch(prompts, g, step), step)
-            if not torch.isfinite(out.total):
-                bad_term = next((k for k, v in out.terms.items() if not torch.isfinite(v).all()), "total")
-                break
-            self.acc.backward(out.total / accum)
+            batch = micro_batch(self.prompts, tc.batch_size, tc.seed, step, micro, self.acc.process_index,
+                                self.acc.num_processes, self.images)
+            # DDP averages gradients on the last micro-step only; every rank runs every backward, even
+            # a non-finite one, so no rank waits on a collective the others skipped
+            sync = micro == accum - 1 or self.model is self.objective
+            with self.acc.autocast(), (contextlib.nullcontext() if sync else self.acc.no_sync(self.model)):
+                out = self.model(phase.name, batch, step)
+                if bad_term is None and not torch.isfinite(out.total):
+                    bad_term = next((k for k, v in out.terms.items() if not torch.isfinite(v).all()), "total")
+                self.acc.backward(out.total / accum)
             for k, v in out.terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / accum
+        if self.acc.num_processes > 1:  # one collective: log the global means, skip everywhere if any rank must
+            keys = sorted(terms_sum)
+            local = torch.tensor([float(bad_term is not None)] + [terms_sum[k] for k in keys], device=self.acc.device)
+            total = self.acc.reduce(local, "sum").cpu()
+            terms_sum = {k: float(v) / self.acc.num_processes for k, v in zip(keys, total[1:])}
+            if bad_term is None and float(total[0]) > 0:
+                bad_term = "total (on another process)"
         grad_norm = float("nan")
         if bad_term is None:
             grad_norm = float(self.acc.clip_grad_norm_(params, self.cfg.train.grad_clip))  # unscales under fp16
@@ -147,12 +201,12 @@ class Trainer:
         tensors = {f"param.{g}.{k}": p.detach() for g, group in self.groups.items() for k, p in group.items()}
         tensors.update(ckpt.prefixed("ema", self.ema.state_dict()))
         meta = {"step": self.state.step, "skipped": self.state.skipped, "consecutive": self.state.consecutive,
-                "ema_updates": self.ema.num_updates, "optimizers": {}, "schedulers": {},
-                "rng": {"python": random.getstate(), "numpy": [v.tolist() if isinstance(v, np.ndarray) else v
-                                                              for v in np.random.get_state()]}}
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+                "ema_updates": self.ema.num_updates, "optimizers": {}, "schedulers": {}, "rng": []}
+        for rank, state in enumerate(self._gather_rng()):  # one entry per process
+            meta["rng"].append({"python": state["python"], "numpy": state["numpy"]})
+            for key in ("torch", "cuda"):
+                if key in state:
+                    tensors[f"rng.{key}.{rank}"] = state[key]
         for name, opt in self.optimizers.items():
             t, m = ckpt.optimizer_tensors(opt, prefix=f"optim.{name}")
             tensors.update(t)
@@ -160,10 +214,24 @@ class Trainer:
             meta["schedulers"][name] = self.schedulers[name].state_dict()
         return tensors, meta
 
+    def _gather_rng(self) -> list[dict]:
+        """Every process's RNG states (a collective: called on all ranks)."""
+        state = {"python": random.getstate(),
+                 "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+                 "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state().cpu()
+        if self.acc.num_processes == 1:
+            return [state]
+        from accelerate.utils import gather_object
+
+        return gather_object([state])
+
     def save_checkpoint(self) -> Path | None:
+        """Called on every process (the RNG gather is collective); the main process writes."""
+        tensors, meta = self._state_tensors()
         if not self.acc.is_main_process:
             return None
-        tensors, meta = self._state_tensors()
         return ckpt.write_checkpoint(self.run_dir, self.state.step, tensors, meta, dump_config(self.cfg),
                                      self.cfg.train.keep_checkpoints)
 
@@ -176,11 +244,19 @@ class Trainer:
         for name, opt in self.optimizers.items():
             ckpt.load_optimizer(opt, tensors, meta["optimizers"][name], prefix=f"optim.{name}")
             self.schedulers[name].load_state_dict(meta["schedulers"][name])
-        py = meta["rng"]["python"]
+        rank = self.acc.process_index
+        if len(meta["rng"]) != self.acc.num_processes:
+            self.log(f"checkpoint was written by {len(meta['rng'])} process(es), resuming on "
+                     f"{self.acc.num_processes}: the data stream is unchanged (it is per sample); process RNG "
+                     "states are taken from rank 0")
+            rank = 0 if rank >= len(meta["rng"]) else rank
+        py = meta["rng"][rank]["python"]
         random.setstate((py[0], tuple(py[1]), py[2]))
         np.random.set_state(tuple(np.array(v, dtype=np.uint32) if i == 1 else v
-                                  for i, v in enumerate(meta["rng"]["numpy"])))
-        torch.set_rng_state(tensors["rng.torch"])
+                                  for i, v in enumerate(meta["rng"][rank]["numpy"])))
+        torch.set_rng_state(tensors[f"rng.torch.{rank}"])
+        if torch.cuda.is_available() and f"rng.cuda.{rank}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"])
         self.state = RunState(meta["step"], dict(meta["skipped"]), dict(meta["consecutive"]))
 
     # -- samples ----------------------------------------------------------------------------------
@@ -209,18 +285,25 @@ class Trainer:
     def run(self) -> Path:
         tc = self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        removed = ckpt.clean_partial(self.run_dir)
-        if removed:
-            self.log(f"removed {len(removed)} incomplete checkpoint folder(s) left by an interrupted save")
+        if self.acc.is_main_process:
+            removed = ckpt.clean_partial(self.run_dir)
+            if removed:
+                self.log(f"removed {len(removed)} incomplete checkpoint folder(s) left by an interrupted save")
+        self.acc.wait_for_everyone()
         found = ckpt.find_resume(self.run_dir, tc.resume, log=self.log)
         if found is not None:
             tensors, meta, folder = found
             self._restore(tensors, meta)
             self.log(f"resumed from {folder} at step {self.state.step}")
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-        self.objective.prepare(self.run_dir, self.acc.device)
+        main = self.acc.is_main_process
+        if main:
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            self.log(f"global batch {self.cfg.train.batch_size} x {self.acc.num_processes} process(es) x "
+                     f"{self.cfg.train.gradient_accumulation} micro-step(s)")
+        with self.acc.main_process_first():  # e.g. cached teacher pairs: made once, then read by the others
+            self.objective.prepare(self.run_dir, self.acc.device)
         self.acc.init_trackers("diffdistill")
-        metrics = (self.run_dir / "metrics.jsonl").open("a")
+        metrics = (self.run_dir / "metrics.jsonl").open("a") if main else open(os.devnull, "w")
         bar = tqdm(range(self.state.step, tc.max_steps), initial=self.state.step, total=tc.max_steps,
                    desc="train", disable=not self.acc.is_local_main_process)
         for step in bar:

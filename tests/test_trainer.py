@@ -50,7 +50,7 @@ class TwoPhase(Objective):
         return {"student": self.student.named_parameters_to_train(), "critic": dict(self.critic.named_parameters())}
 
     def loss(self, phase, batch, step):
-        z = torch.randn((len(batch.prompts), 4, 8, 8), generator=batch.generator)
+        z = batch.randn(4, 8, 8)
         x0 = self.student(z, 1.0, self.teacher.encode_prompt(batch.prompts))
         score = self.critic(x0.mean(dim=(2, 3)) if phase == "student" else x0.detach().mean(dim=(2, 3)))
         total = score.mean() + 0.1 * x0.square().mean() if phase == "student" else F.softplus(-score).mean()

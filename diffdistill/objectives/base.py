@@ -9,6 +9,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..batch import Batch  # noqa: F401  (part of the objective contract)
+
 
 @dataclass
 class Phase:
@@ -22,13 +24,6 @@ class LossOut:
     total: torch.Tensor                       # the scalar to backpropagate
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # named parts, for logging
     images: torch.Tensor | None = None        # optional latents/images to show
-
-
-@dataclass
-class Batch:
-    prompts: list[str]
-    generator: torch.Generator  # seeded from (seed, step, micro-step, rank): stateless, so resume is exact
-    step: int
 
 
 @dataclass
@@ -48,6 +43,10 @@ class Objective(nn.Module):
 
     def phases(self) -> list[Phase]:
         raise NotImplementedError
+
+    def forward(self, phase: str, batch: Batch, step: int) -> LossOut:
+        """The trainer calls the module (so DDP sees the forward); it is :meth:`loss`."""
+        return self.loss(phase, batch, step)
 
     def loss(self, phase: str, batch: Batch, step: int) -> LossOut:
         raise NotImplementedError

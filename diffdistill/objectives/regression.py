@@ -60,17 +60,16 @@ class Regression(Objective):
         return {"student": self.student.named_parameters_to_train()}
 
     @torch.no_grad()
-    def teacher_pairs(self, prompts: list[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z, x0_T)`` for ``prompts``: noise and the teacher's DDIM sample from it (latents)."""
+    def teacher_pairs(self, prompts: list[str], z: torch.Tensor) -> torch.Tensor:
+        """The teacher's DDIM sample (latents) from noise ``z`` for ``prompts``."""
         from ..pipeline import sampling_grid
 
         t = self.teacher
-        z = torch.randn((len(prompts), *t.latent_shape), generator=generator).to(t.device, t.dtype)
         uncond = t.empty_cond(len(prompts)) if self.cfg.guidance != 1.0 else None
         with t.backbone.adapter(None):
             x0 = sample_ode(t.backbone, z, t.encode_prompt(prompts), sampling_grid(t, self.cfg.teacher_steps),
                             uncond=uncond, guidance=self.cfg.guidance)
-        return z, x0
+        return x0
 
     def prepare(self, run_dir, device) -> None:
         if self.cfg.num_pairs == 0:
@@ -88,16 +87,18 @@ class Regression(Objective):
         prompts = [self.prompt_pool[i] for i in idx.tolist()]
         zs, x0s = [], []
         for i in tqdm(range(0, len(prompts), self.cfg.pair_batch_size), desc="teacher pairs"):
-            z, x0 = self.teacher_pairs(prompts[i:i + self.cfg.pair_batch_size], g)
+            chunk = prompts[i:i + self.cfg.pair_batch_size]
+            z = torch.randn((len(chunk), *self.teacher.latent_shape), generator=g).to(device, self.teacher.dtype)
+            x0 = self.teacher_pairs(chunk, z)
             zs.append(z.cpu()), x0s.append(x0.cpu())
         self.pairs = {"z": torch.cat(zs), "x0": torch.cat(x0s), "prompt_index": idx}
         save_state(path, self.pairs, {"num_pairs": self.cfg.num_pairs, "prompts": "index into the run's prompt pool"})
 
     def _batch_pairs(self, batch: Batch):
         if self.pairs is None:
-            z, x0 = self.teacher_pairs(batch.prompts, batch.generator)
-            return batch.prompts, z, x0
-        pick = torch.randint(len(self.pairs["z"]), (len(batch.prompts),), generator=batch.generator)
+            z = batch.randn(*self.teacher.latent_shape, device=self.teacher.device, dtype=self.teacher.dtype)
+            return batch.prompts, z, self.teacher_pairs(batch.prompts, z)
+        pick = batch.randint(len(self.pairs["z"]))
         prompts = [self.prompt_pool[i] for i in self.pairs["prompt_index"][pick].tolist()]
         device = self.teacher.device
         return prompts, self.pairs["z"][pick].to(device), self.pairs["x0"][pick].to(device)
@@ -107,9 +108,9 @@ class Regression(Objective):
             raise ValueError(f"regression has one phase, 'student'; got {phase!r}")
         prompts, z, x0 = self._batch_pairs(batch)
         ts = self.student.timesteps
-        k = torch.randint(len(ts), (len(prompts),), generator=batch.generator)
+        k = batch.randint(len(ts))
         t = torch.tensor(ts, dtype=torch.float64)[k]
-        eps = torch.randn(z.shape, generator=batch.generator).to(z)
+        eps = batch.randn(*z.shape[1:]).to(z)
         renoised = self.student.backbone.schedule.add_noise(x0, eps, t)
         x_in = torch.where((k == 0).view(-1, 1, 1, 1).to(z.device), z, renoised)  # (B, C, H, W)
         pred = self.student(x_in, t.to(z.device), self.teacher.encode_prompt(prompts), out="x0")
