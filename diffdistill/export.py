@@ -334,9 +334,9 @@ def export_run(run_dir, out=None, *, checkpoint=None, overwrite: bool = False, e
     ``out`` (default ``RUN_DIR/final``); see :func:`export_student`."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "final"
-    teacher, student, info = load_run_student(run_dir, checkpoint, ema=True)
     if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
         raise ExportError(f"refusing to export into {out}: it holds the run folder {run_dir}")
+    teacher, student, info = load_run_student(run_dir, checkpoint, ema=True)
     return export_student(teacher, student, out, config=info["config"], overwrite=overwrite,
                           eval_table=eval_table, step=info["step"])
 
