@@ -162,7 +162,10 @@ def _atomic_folder(out: Path, overwrite: bool, protected: list[Path]):
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
         else:
             os.replace(tmp, out)
     except BaseException:
