@@ -1,5 +1,5 @@
 """The ``diffdistill`` command line. Sub-commands land with the features they drive
-(``eval`` and ``export`` come with the evaluation and export work)."""
+(``eval`` comes with the evaluation work)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,20 @@ def _train(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import ExportError, export_run, read_recipe
+
+    try:
+        out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    except (ExportError, FileExistsError) as err:
+        print(f"diffdistill export: {err}", file=sys.stderr)
+        return 2
+    recipe = read_recipe(out)
+    print(f"wrote the {recipe['kind']} student (step {recipe['step']}, {recipe['num_inference_steps']} step(s), "
+          f"guidance {recipe['guidance']}) to {out}; usage in {out / 'README.md'}")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -59,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="a YAML config (configs/<method>/<backbone>.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="write a run's student (EMA weights) as a diffusers folder or LoRA")
+    p.add_argument("run_dir", help="a training run folder (train.output_dir)")
+    p.add_argument("--out", default=None, help="destination folder (default: RUN_DIR/final)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint folder or name such as step-000600 (default: the newest complete one)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DIR even if it is a non-empty folder that export did not create")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("demo", help="the embedded default, end to end")
     p.add_argument("--out", default="runs/demo", help="folder for grids and metrics.json")

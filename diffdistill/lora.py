@@ -1,5 +1,5 @@
-"""peft LoRA adapters on a diffusers denoiser: add them, and switch between them without touching
-``requires_grad``.
+"""peft LoRA adapters on a diffusers denoiser: add them, switch between them without touching
+``requires_grad``, and save/load one adapter in the file format ``pipe.load_lora_weights`` reads.
 
 Why not peft's own switches: ``set_adapters(name)`` / ``disable_adapters()`` also set
 ``requires_grad`` on the adapter weights. In shared-base mode one network is the frozen teacher
@@ -12,7 +12,9 @@ silently drop their gradient. :func:`active_adapter` only flips which adapter th
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from torch import nn
 
@@ -41,11 +43,16 @@ def add_lora(model: nn.Module, name: str, rank: int, alpha: float | None = None,
 
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                        init_lora_weights="gaussian", target_modules=list(target_modules))
+    _attach(model, name, config)
+
+
+def _attach(model: nn.Module, name: str, config) -> None:
+    """``model.add_adapter(config, name)``, keeping earlier parameters' ``requires_grad``; the new adapter trains."""
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists on this model")
     before = {id(p): p.requires_grad for p in model.parameters()}
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        init_lora_weights="gaussian", target_modules=list(target_modules))
     model.add_adapter(config, adapter_name=name)
     for pname, p in model.named_parameters():
         if id(p) in before:
@@ -94,3 +101,85 @@ def active_adapter(model: nn.Module, name: str | None):
         yield model
     finally:
         set_active(model, previous)
+
+
+# -- files in diffusers' LoRA format ------------------------------------------------------------------
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+_METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the peft LoraConfig (JSON) in the file
+
+
+class LoraFileError(ValueError):
+    """A LoRA weight file that diffdistill will not load: not safetensors, unreadable, or not a LoRA for us."""
+
+
+def save_lora(model: nn.Module, name: str, folder: str | Path) -> Path:
+    """Write adapter ``name`` of a UNet to ``folder/pytorch_lora_weights.safetensors`` as
+    ``pipe.load_lora_weights`` reads it: peft-format keys under ``unet.`` and the adapter's
+    ``LoraConfig`` (rank, alpha, targets) in the file's metadata, so peft rebuilds the same scale
+    ``alpha / rank``. Keys stay in peft's naming on purpose: diffusers' ``convert_state_dict_to_diffusers``
+    renames only attention layers, and its loader decides the naming from the first key, so a mixed
+    file (convolutions + attention) would silently lose its attention LoRA on load."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from peft.utils import get_peft_model_state_dict
+
+    if name not in adapter_names(model):
+        raise KeyError(f"no adapter {name!r}; this model has {adapter_names(model)}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    metadata = model.peft_config[name].to_dict()
+    StableDiffusionLoraLoaderMixin.save_lora_weights(str(folder), unet_lora_layers=tensors,
+                                                     unet_lora_adapter_metadata=metadata,
+                                                     weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
+    return Path(folder) / LORA_WEIGHT_NAME
+
+
+def read_lora_file(path: str | Path, prefix: str = "unet") -> tuple[dict, dict | None]:
+    """``(tensors, LoraConfig kwargs or None)`` of a diffusers-format LoRA file, keys without ``prefix``.
+    Safetensors only: any other file (e.g. a pickled ``.bin``) or a corrupt one is refused, naming it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise LoraFileError(f"{path}: LoRA weights must be a .safetensors file; diffdistill never unpickles "
+                            f"{path.suffix or 'extension-less'} files")
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA weight file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            file_meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a file handle)
+    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+        raise LoraFileError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
+    tensors = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    if not any(".lora_" in k or ".lora." in k for k in tensors):
+        raise LoraFileError(f"{path} holds no LoRA weights for {prefix!r} (keys '{prefix}.<module>.lora_A.weight')")
+    config = None
+    if _METADATA_KEY in file_meta:
+        packed = json.loads(file_meta[_METADATA_KEY])
+        config = {k[len(prefix) + 1:]: v for k, v in packed.items() if k.startswith(prefix + ".")} or None
+    return tensors, config
+
+
+def load_lora(model: nn.Module, name: str, path: str | Path, prefix: str = "unet") -> None:
+    """Attach the LoRA in ``path`` (see :func:`save_lora`) to ``model`` as adapter ``name``. Without
+    metadata, rank comes from the weights and alpha = rank (diffusers' convention). Every weight in the
+    file must land in the model, and every layer of the adapter must get a weight."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    tensors, config = read_lora_file(path, prefix)
+    if any(".lora." in k for k in tensors):  # older diffusers naming (lora.down / lora.up)
+        tensors = convert_unet_state_dict_to_peft(tensors)
+    if config is None:
+        ranks = {v.shape[0] for k, v in tensors.items() if ".lora_A." in k}
+        if len(ranks) != 1:
+            raise LoraFileError(f"{path} has no rank metadata and mixed ranks {sorted(ranks)}")
+        rank = ranks.pop()
+        config = {"r": rank, "lora_alpha": rank, "target_modules": sorted({k.split(".lora_")[0] for k in tensors})}
+    _attach(model, name, LoraConfig(**config))
+    result = set_peft_model_state_dict(model, tensors, adapter_name=name)
+    unexpected = [k for k in result.unexpected_keys if ".lora_" in k]
+    missing = [k for k in result.missing_keys if ".lora_" in k and f".{name}." in k]
+    if unexpected or missing:
+        raise LoraFileError(f"{path} does not fit this model: {len(unexpected)} weights match no layer "
+                            f"(e.g. {unexpected[:2]}), {len(missing)} adapter weights missing (e.g. {missing[:2]})")

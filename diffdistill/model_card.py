@@ -1,0 +1,137 @@
+"""The model card (``README.md``) of an exported student: what it is, the exact diffusers call that
+reproduces its trained recipe, how it was trained and, when given, how it scored."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import yaml
+
+
+def objective_paper(name: str | None) -> str:
+    """The first paragraph of the objective's module docstring (it names the paper and equation)."""
+    from .objectives import OBJECTIVES
+
+    if name not in OBJECTIVES:
+        return f"{name!r} (unknown objective)" if name else "not recorded (no training config given)"
+    doc = sys.modules[OBJECTIVES[name].__module__].__doc__ or ""
+    return " ".join(doc.strip().split("\n\n")[0].split()) or name
+
+
+def _config_dict(config) -> dict:
+    from .config import config_to_dict
+
+    return config_to_dict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+def config_summary(config) -> dict:
+    """A flat ``{dotted key: value}`` of the config fields a model card shows."""
+    raw = _config_dict(config)
+    keys = {"teacher": ("path", "dtype"), "student": ("kind", "lora_rank", "lora_alpha", "timesteps", "guidance"),
+            "data": ("prompts",), "train": ("max_steps", "batch_size", "lr", "ema_decay", "seed", "mixed_precision")}
+    summary = {f"{s}.{k}": raw.get(s, {}).get(k) for s, names in keys.items() for k in names}
+    summary.update({f"objective.{k}": v for k, v in raw.get("objective", {}).items()})
+    if summary.get("student.kind") != "lora":
+        summary = {k: v for k, v in summary.items() if not k.startswith("student.lora")}
+    return summary
+
+
+def _front_matter(recipe: dict) -> str:
+    from .pipeline import _is_local
+
+    tags = ["diffdistill", "step-distillation", "text-to-image", *(["lora"] if recipe["kind"] == "lora" else [])]
+    meta = {"library_name": "diffusers", "pipeline_tag": "text-to-image", "tags": tags}
+    if not _is_local(recipe["base"]):  # a hub id
+        meta["base_model"] = recipe["base"]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
+
+
+def _summary(recipe: dict) -> str:
+    k = recipe["num_inference_steps"]
+    what = "full denoiser" if recipe["kind"] == "full" else \
+        f"LoRA, rank {recipe['lora']['rank']}, alpha {recipe['lora']['alpha']:g}"
+    scheduler = (f"`LCMScheduler` (original_inference_steps={recipe['scheduler']['original_inference_steps']}, "
+                 f"timestep_scaling={recipe['scheduler']['timestep_scaling']:g})").replace("e+0", "e")
+    rows = [("Base model (teacher)", f"`{recipe['base']}`"), ("Method", objective_paper(recipe["objective"])),
+            ("Student", what), ("Sampling steps", f"{k} (diffusers timesteps {recipe['diffusers_timesteps']})"),
+            ("Guidance scale", f"{recipe['guidance']:g} (diffusers convention; 1 = no classifier-free guidance)"),
+            ("Training step", recipe["step"] if recipe["step"] is not None else "not recorded"),
+            ("Scheduler", scheduler)]
+    title = f"# {recipe['objective'] or 'diffdistill'} student: {k}-step {recipe['kind']} of `{recipe['base']}`"
+    table = "\n".join(f"| {a} | {b} |" for a, b in rows)
+    return f"{title}\n\nDistilled with diffdistill.\n\n| | |\n|---|---|\n{table}"
+
+
+def _usage(recipe: dict, location: str, prompt: str) -> str:
+    k, g, dtype = recipe["num_inference_steps"], recipe["guidance"], recipe["dtype"]
+    exact = recipe["scheduler"]["default_call_reproduces"]
+    timesteps = "" if exact else f", timesteps={recipe['diffusers_timesteps']}"
+    call = f'image = pipe("{prompt}", num_inference_steps={k}, guidance_scale={g}{timesteps}).images[0]'
+    if recipe["kind"] == "full":
+        code = ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
+                f'pipe = DiffusionPipeline.from_pretrained("{location}", dtype=torch.{dtype})  # .to("cuda") on a GPU\n'
+                f"{call}")
+    else:
+        code = ("import torch\nfrom diffusers import DiffusionPipeline, LCMScheduler\n\n"
+                f'pipe = DiffusionPipeline.from_pretrained("{recipe["base"]}", dtype=torch.{dtype})\n'
+                f'pipe.scheduler = LCMScheduler.from_pretrained("{location}", subfolder="scheduler")\n'
+                f'pipe.load_lora_weights("{location}")\n'
+                "pipe.fuse_lora()  # optional: merge the adapter into the base weights (same images)\n"
+                f"{call}")
+    notes = [(f"Always pass `guidance_scale={g}`: the pipeline's default (7.5) is not the trained recipe. "
+              "StableDiffusionPipeline applies guidance only when `guidance_scale > 1`."),
+             "With a fixed `generator`, these calls give the same images as diffdistill's own student sampler."]
+    if not exact:
+        notes.insert(0, f"**No stock scheduler setting produces the trained timesteps {recipe['diffusers_timesteps']} "
+                        "from `num_inference_steps` alone**, so the call must pass `timesteps=` as above; without "
+                        "it the scheduler picks its own evenly spaced grid and the results are not the trained recipe.")
+    older = "(Older diffusers versions take `torch_dtype=` instead of `dtype=`.)"
+    return "## Usage\n\n```python\n" + code + "\n```\n\n" + "\n".join(f"- {n}" for n in notes) + f"\n\n{older}"
+
+
+def _eval_table(eval_table) -> str:
+    if not eval_table:
+        return ""
+    if isinstance(eval_table, str):
+        return "## Evaluation\n\n" + eval_table.strip()
+    columns = list(dict.fromkeys(c for row in eval_table.values() for c in row))
+
+    def fmt(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else ("n/a" if v is None else str(v))
+
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for name, row in eval_table.items()]
+    return "## Evaluation\n\n" + "\n".join(lines)
+
+
+def _training(config) -> str:
+    if config is None:
+        return ""
+    rows = "\n".join(f"| `{k}` | {v} |" for k, v in config_summary(config).items())
+    full = yaml.safe_dump(_config_dict(config), sort_keys=False)
+    return (f"## Training configuration\n\n| key | value |\n|---|---|\n{rows}\n\n"
+            f"<details><summary>Resolved config</summary>\n\n```yaml\n{full}```\n\n</details>")
+
+
+def _how(recipe: dict) -> str:
+    k = recipe["num_inference_steps"]
+    steps = (f"`original_inference_steps` is set so that `num_inference_steps={k}` yields the trained timesteps, and"
+             if recipe["scheduler"]["default_call_reproduces"] else
+             "The trained timesteps come from the call's `timesteps=` argument (see Usage), and")
+    return ("## How the recipe is baked in\n\n"
+            "The scheduler is diffusers' own `LCMScheduler`. Each step predicts the clean sample and, except "
+            "on the last step, re-noises it to the next timestep with fresh noise from the pipeline's "
+            f"generator: the student's training-time sampler. {steps} "
+            "`timestep_scaling=1e6` makes LCM's boundary scalings `c_skip` ~ 0 and `c_out` = 1, so the "
+            "scheduler returns the network's prediction unchanged. `diffdistill.json` holds the recipe "
+            "(continuous times `t` in [0, 1]; diffusers timestep k is t = (k + 1) / N, N = `num_train_timesteps`).")
+
+
+def model_card(recipe: dict, location: str, *, config=None, eval_table=None) -> str:
+    """Markdown for ``README.md``: front matter, summary table, usage snippet, evaluation, training config."""
+    digits = config is not None and _config_dict(config).get("data", {}).get("prompts") == "digits"
+    prompt = "a handwritten digit 7" if digits else "a photo of a corgi"
+    parts = [_front_matter(recipe), _summary(recipe), _usage(recipe, location, prompt), _eval_table(eval_table),
+             _training(config), _how(recipe)]
+    return "\n\n".join(p for p in parts if p) + "\n"
