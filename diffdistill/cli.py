@@ -5,21 +5,49 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _sample(args) -> int:
     import torch
 
+    from .eval.harness import EvalInputError, recipe, resolve_models, sampler
     from .images import save_grid
-    from .pipeline import load_teacher
-    from .sampling import generate
 
-    teacher = load_teacher(args.model)
-    prompts = [args.prompt] * args.num_images
-    images = generate(teacher, prompts, num_steps=args.steps, guidance=args.guidance,
-                      generator=torch.Generator().manual_seed(args.seed), progress=True)
+    try:
+        [model] = resolve_models(args.model, base=args.base, steps=args.steps, guidance=args.guidance)
+        sample = sampler(model)
+    except (EvalInputError, ValueError, OSError) as err:
+        print(f"diffdistill sample: {err}", file=sys.stderr)
+        return 2
+    _, steps, guidance = recipe(model)
+    images = sample([args.prompt] * args.num_images, torch.Generator().manual_seed(args.seed))
     out = save_grid(images, args.out, upscale=args.upscale)
-    print(f"wrote {len(prompts)} image(s) of {args.prompt!r} ({args.steps} steps, guidance {args.guidance}) to {out}")
+    print(f"wrote {args.num_images} image(s) of {args.prompt!r} ({steps} step(s), guidance {guidance}) to {out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .eval.harness import EvalInputError, check_protocol_inputs, evaluate, resolve_models, table, write_report
+
+    try:  # everything that can be checked without loading a model
+        check_protocol_inputs(args.protocol, args.captions, args.images, args.num_images)
+        models = resolve_models(args.model, base=args.base, checkpoint=args.checkpoint,
+                                all_checkpoints=args.all_checkpoints, steps=args.steps, guidance=args.guidance)
+    except (EvalInputError, ValueError, OSError, KeyError) as err:
+        print(f"diffdistill eval: {err}", file=sys.stderr)
+        return 2
+    rows, grids = [], []
+    for model in models:
+        print(f"evaluating {model.label} ({args.protocol})")
+        result, images = evaluate(model, args.protocol, num_images=args.num_images, seed=args.seed,
+                                  captions=args.captions, images=args.images)
+        rows.append(result)
+        grids.append(images)
+    out = args.out or str(Path("runs") / "eval" / Path(args.model).name)
+    write_report(out, rows, grids, args.protocol)
+    print(table(rows))
+    print(f"metrics.json, report.md and grid.png in {out}/")
     return 0
 
 
@@ -58,16 +86,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffdistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sample", help="sample a diffusers text-to-image model (folder or hub id)")
-    p.add_argument("model", help="a diffusers pipeline folder or hub id")
+    p = sub.add_parser("sample", help="sample a teacher (diffusers folder / hub id) or an exported student")
+    p.add_argument("model", help="a diffusers pipeline folder or hub id, an exported student, or a run folder")
     p.add_argument("prompt")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale, diffusers convention (1 = none)")
+    p.add_argument("--steps", type=int, default=None, help="teachers: DDIM steps (default 25)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="teachers: CFG scale, diffusers convention (1 = none; default 7.5)")
+    p.add_argument("--base", default=None, help="LoRA students: the base pipeline (default: the one recorded)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the saved PNG")
     p.add_argument("--out", default="sample.png")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("eval", help="score a teacher, an exported student or a run under a named protocol")
+    p.add_argument("model", help="a diffusers folder or hub id, an exported student (full or LoRA), or a run folder")
+    p.add_argument("--protocol", default="digits", help="digits | coco2014-30k-256 | coco2014-10k-512-clipg | "
+                   "coco2017-5k")
+    p.add_argument("--num-images", type=int, default=None, help="default: the protocol's")
+    p.add_argument("--steps", type=int, default=None, help="teachers only (students use their trained recipe)")
+    p.add_argument("--guidance", type=float, default=None, help="teachers only; diffusers convention")
+    p.add_argument("--base", default=None, help="LoRA students: the base pipeline (default: the one recorded)")
+    p.add_argument("--checkpoint", default=None, help="run folders: a checkpoint (step-NNNNNN or a step)")
+    p.add_argument("--all-checkpoints", action="store_true", help="run folders: every complete checkpoint")
+    p.add_argument("--captions", default=None, help="COCO protocols: the captions_*.json annotations file")
+    p.add_argument("--images", default=None, help="COCO protocols: the matching image folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="report folder (default: runs/eval/<model name>)")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("train", help="distill a teacher into a student (see configs/)")
     p.add_argument("--config", required=True, help="a YAML config (configs/<method>/<backbone>.yaml)")
@@ -93,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("steps", "num_images"):
-        if getattr(args, name, 1) < 1:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             print(f"diffdistill: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
     return args.func(args)

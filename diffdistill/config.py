@@ -136,10 +136,25 @@ class EvalConfig:
     protocol: str = "digits"
     num_images: int = 200
     every: int = 0  # 0: no evaluation during training
+    captions: str | None = None  # COCO protocols: the captions_*.json file
+    images: str | None = None  # COCO protocols: the matching image folder
 
     def validate(self, p: str) -> None:
+        from .eval.protocols import PROTOCOLS
+
         _check(self.num_images > 0, f"{p}.num_images", f"must be positive, got {self.num_images}")
         _check(self.every >= 0, f"{p}.every", f"must be >= 0, got {self.every}")
+        close = difflib.get_close_matches(self.protocol, list(PROTOCOLS), n=1)
+        _check(self.protocol in PROTOCOLS, f"{p}.protocol", f"unknown protocol {self.protocol!r}"
+               + (f"; did you mean {close[0]!r}?" if close else f"; one of {sorted(PROTOCOLS)}"))
+        if self.protocol == "digits":
+            _check(self.num_images % 10 == 0 and self.num_images >= 20, f"{p}.num_images",
+                   f"digits needs a multiple of 10 and >= 20, got {self.num_images}")
+        elif self.every:
+            _check(self.captions is not None and Path(self.captions).is_file(), f"{p}.captions",
+                   f"protocol {self.protocol!r} needs a local COCO captions file, got {self.captions!r}")
+            _check(self.images is not None and Path(self.images).is_dir(), f"{p}.images",
+                   f"protocol {self.protocol!r} needs a local COCO image folder, got {self.images!r}")
 
 
 @dataclass

@@ -259,7 +259,54 @@ class Trainer:
             torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"])
         self.state = RunState(meta["step"], dict(meta["skipped"]), dict(meta["consecutive"]))
 
-    # -- samples ----------------------------------------------------------------------------------
+    # -- samples and the exported student ------------------------------------------------------------
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The student holds its EMA weights inside this block, its live weights again after."""
+        live = {k: p.detach().clone() for k, p in self.groups["student"].items()}
+        self.ema.copy_to(self.groups["student"])
+        try:
+            yield self.student
+        finally:
+            with torch.no_grad():
+                for k, p in self.groups["student"].items():
+                    p.copy_(live[k])
+
+    def evaluate_now(self, metrics) -> dict | None:
+        """The EMA student under ``eval.protocol`` (main process; no collectives), logged with the losses."""
+        from .eval.harness import Model, evaluate
+
+        if not self.acc.is_main_process:
+            return None
+        ec = self.cfg.eval
+        model = Model(f"step {self.state.step}", "checkpoint", str(self.run_dir), loaded=(self.teacher, self.student))
+        with self.ema_weights():
+            result, _ = evaluate(model, ec.protocol, num_images=ec.num_images, seed=self.cfg.train.seed,
+                                 captions=ec.captions, images=ec.images, timing=False)
+        scores = {k: float(result[k]) for k in ("fid", "clip_score", "prompt_accuracy", "diversity")
+                  if result.get(k) is not None}
+        metrics.write(json.dumps({"step": self.state.step, "phase": "eval", "protocol": ec.protocol, **scores}) + "\n")
+        metrics.flush()
+        self.acc.log({f"eval/{k}": v for k, v in scores.items()}, step=self.state.step)
+        self.log(f"step {self.state.step} eval ({ec.protocol}, {ec.num_images} images): "
+                 + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        return result
+
+    def export_final(self) -> Path | None:
+        """The EMA student as ``RUN_DIR/final`` (diffusers folder or LoRA folder, see export.py). A recipe
+        no stock scheduler reproduces is reported, not raised: the checkpoints hold the weights."""
+        from .export import ExportError, export_student
+
+        if not self.acc.is_main_process:
+            return None
+        try:
+            with self.ema_weights():
+                return export_student(self.teacher, self.student, self.run_dir / "final", config=self.cfg,
+                                      step=self.state.step)
+        except ExportError as e:
+            self.log(f"final/ not written: {e}")
+            return None
+
     @torch.no_grad()
     def save_samples(self) -> Path | None:
         if not self.acc.is_main_process:
@@ -269,14 +316,8 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.train.seed)
         noise = torch.randn((len(prompts), *self.teacher.latent_shape), generator=g).to(self.teacher.device)
         uncond = self.teacher.empty_cond(len(prompts)) if self.student.guidance != 1.0 else None
-        live = {k: p.detach().clone() for k, p in self.groups["student"].items()}
-        self.ema.copy_to(self.groups["student"])  # EMA weights for sampling
-        try:
+        with self.ema_weights():
             latents = self.student.generate(noise, self.teacher.encode_prompt(prompts), uncond, generator=g)
-        finally:
-            with torch.no_grad():
-                for k, p in self.groups["student"].items():
-                    p.copy_(live[k])
         images = (self.teacher.decode_latents(latents) / 2 + 0.5).clamp(0, 1)
         return save_grid(images.cpu(), self.run_dir / "samples" / f"step-{self.state.step:06d}.png",
                          nrow=len(prompts), upscale=2)
@@ -324,10 +365,17 @@ class Trainer:
                                  if isinstance(v, float) and k not in ("lr",)})
             if self.state.step % tc.sample_every == 0 or self.state.step == tc.max_steps:
                 self.save_samples()
+            if self.cfg.eval.every and self.state.step % self.cfg.eval.every == 0:
+                self.evaluate_now(metrics)
             if self.state.step % tc.checkpoint_every == 0 or self.state.step == tc.max_steps:
                 self.save_checkpoint()
             self.acc.wait_for_everyone()
         metrics.close()
+        if self.state.step == tc.max_steps:
+            final = self.export_final()
+            if final is not None:
+                self.log(f"exported the EMA student to {final}")
+        self.acc.wait_for_everyone()
         self.acc.end_training()
         return self.run_dir
 

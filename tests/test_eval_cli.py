@@ -1,0 +1,104 @@
+"""`diffdistill eval` / `sample` on teachers, exported students and run folders; input errors surface
+before any model loads."""
+
+import json
+
+import pytest
+
+from diffdistill.cli import main
+from diffdistill.config import EMBEDDED_TEACHER
+
+KEYS = {"fid", "clip_score", "prompt_accuracy", "diversity", "nfe", "ms_per_image"}
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    import diffdistill.pipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(diffdistill.pipeline, "load_teacher", refuse)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Two checkpoints of a tiny regression run on the embedded teacher, exported to final/."""
+    from diffdistill.config import load_config
+    from diffdistill.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("run") / "r"
+    cfg = load_config(None, ["objective={name: regression, teacher_steps: 2}", f"teacher.path={EMBEDDED_TEACHER}",
+                             f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=2",
+                             "train.checkpoint_every=1", "train.sample_every=2", "train.lr=1e-3",
+                             "eval.every=2", "eval.num_images=20"])
+    Trainer(cfg).run()
+    return out
+
+
+def test_input_errors_before_any_model_loads(tmp_path, capsys, no_model_loads):
+    def fails(*args, match):
+        assert main(["eval", *args]) == 2
+        assert match in capsys.readouterr().err
+
+    fails(EMBEDDED_TEACHER, "--protocol", "digit", match="did you mean 'digits'")
+    (tmp_path / "empty").mkdir()
+    fails(str(tmp_path / "empty"), match="not a diffusers pipeline folder")
+    fails(str(tmp_path / "missing"), match="does not exist")
+    fails(EMBEDDED_TEACHER, "--protocol", "coco2017-5k", match="--captions")
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1}]}))
+    fails(EMBEDDED_TEACHER, "--protocol", "coco2017-5k", "--captions", str(captions), "--images", str(tmp_path),
+          "--num-images", "1", match="caption")
+    captions.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                                    "annotations": [{"id": 5, "image_id": 1, "caption": "a cat"}]}))
+    fails(EMBEDDED_TEACHER, "--protocol", "coco2017-5k", "--captions", str(captions), "--images",
+          str(tmp_path / "nope"), "--num-images", "1", match="does not exist")
+    fails(EMBEDDED_TEACHER, "--num-images", "15", match="multiple of 10")
+    fails(EMBEDDED_TEACHER, "--all-checkpoints", match="need a run folder")
+
+
+def test_eval_a_teacher_writes_metrics_report_and_grid(tmp_path, one_thread):
+    out = tmp_path / "e"
+    assert main(["eval", EMBEDDED_TEACHER, "--num-images", "20", "--steps", "4", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert KEYS <= m.keys() and m["protocol"] == "digits" and m["num_images"] == 20
+    assert m["nfe"] == 8 and m["guidance"] == 2.0 and m["steps"] == 4  # digits teacher default: guidance 2
+    assert 0 <= m["prompt_accuracy"] <= 1 and m["fid"] > 0 and m["ms_per_image"] > 0
+    report = (out / "report.md").read_text()
+    assert "| model | steps | NFE | FID |" in report and "| digits-sd | 4 | 8 |" in report
+    assert (out / "grid.png").stat().st_size > 0
+
+
+def test_eval_run_folder_final_and_all_checkpoints(run, tmp_path, one_thread):
+    out = tmp_path / "all"
+    assert main(["eval", str(run), "--all-checkpoints", "--num-images", "20", "--out", str(out)]) == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["model"] for r in rows] == ["r step-000001", "r step-000002"]
+    assert all(KEYS <= r.keys() and r["nfe"] == 1 and r["steps"] == 1 for r in rows)
+    assert rows[0]["fid"] != rows[1]["fid"]  # different weights, different samples
+    out2 = tmp_path / "final"
+    assert main(["eval", str(run), "--num-images", "20", "--out", str(out2)]) == 0
+    final = json.loads((out2 / "metrics.json").read_text())
+    assert final["model"] == "r final" and abs(final["fid"] - rows[1]["fid"]) < 1e-3  # final/ = last EMA
+    assert main(["eval", str(run / "final"), "--steps", "3"]) == 2  # an export's recipe is fixed
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    [in_training] = [r for r in logged if r["phase"] == "eval"]  # eval.every=2 of 2 steps
+    assert in_training["step"] == 2 and abs(in_training["fid"] - rows[1]["fid"]) < 1e-3  # same EMA, same seed
+
+
+def test_eval_config_is_checked():
+    from diffdistill.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="eval.protocol.*did you mean 'digits'"):
+        load_config(None, ["objective.name=regression", "eval.protocol=digit"])
+    with pytest.raises(ConfigError, match="eval.captions"):
+        load_config(None, ["objective.name=regression", "eval.protocol=coco2017-5k", "eval.every=100"])
+
+
+def test_sample_an_exported_student(run, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "s.png"
+    assert main(["sample", str(run / "final"), "a handwritten digit 4", "--num-images", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size[1] == 32 + 2 * 2
