@@ -7,7 +7,8 @@ micro-batch or several (gradient accumulation), and whether the run was resumed 
 with global index ``i`` of step ``s`` always sees the same prompt, image and noise.
 
 Global index of local sample ``j`` of micro-step ``m`` on rank ``r`` of ``W``, local batch ``B``:
-``(m * W + r) * B + j``.
+``(m * W + r) * B + j``. ``Batch.shared`` is one generator per step for choices that hold for the whole
+global batch (e.g. DMD2's backward-simulation step), equal on every process and micro-step.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Batch:
     prompts: list[str]
     generators: list[torch.Generator]  # one per sample (CPU), see the module docstring
     step: int
+    shared: torch.Generator | None = None  # one per step, the same on every process and micro-step
     images: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]: real images, when the run has an image source
     image_captions: list[str] = field(default_factory=list)  # their captions
 
@@ -58,7 +60,8 @@ def micro_batch(pool: Sequence[str], batch_size: int, seed: int, step: int, micr
     index = range(first, first + batch_size)
     gens = [torch.Generator().manual_seed(sample_seed(seed, step, i)) for i in index]
     prompts = [pool[int(torch.randint(len(pool), (1,), generator=g))] for g in gens]
-    batch = Batch(prompts, gens, step)
+    shared = torch.Generator().manual_seed(sample_seed(seed, step, -1, "shared"))
+    batch = Batch(prompts, gens, step, shared)
     if images is not None:
         picks = [images.pick(torch.Generator().manual_seed(sample_seed(seed, step, i, "image"))) for i in index]
         batch.images = torch.stack([img for img, _ in picks])

@@ -78,7 +78,7 @@ def _export(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, n_per_digit=args.n_per_digit)
+    run_demo(args.out, n_per_digit=args.n_per_digit, overrides=args.overrides)
     return 0
 
 
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded default, end to end")
     p.add_argument("--out", default="runs/demo", help="folder for grids and metrics.json")
     p.add_argument("--n-per-digit", type=int, default=30)
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the demo's training config")
     p.set_defaults(func=_demo)
     return parser
 

@@ -261,7 +261,9 @@ def config_from_dict(raw: dict) -> Config:
                                                                              else f"; one of {sorted(OBJECTIVES)}"))
     sections = {k: build_section(cls, raw.get(k), k) for k, cls in SECTIONS.items()}
     obj_cfg = build_section(OBJECTIVES[name].Config, objective, "objective")
-    return Config(objective=obj_cfg, **sections)
+    config = Config(objective=obj_cfg, **sections)
+    obj_cfg.validate_run(config)
+    return config
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

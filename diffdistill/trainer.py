@@ -245,6 +245,8 @@ class Trainer:
             ckpt.load_optimizer(opt, tensors, meta["optimizers"][name], prefix=f"optim.{name}")
             self.schedulers[name].load_state_dict(meta["schedulers"][name])
         rank = self.acc.process_index
+        if isinstance(meta["rng"], dict):  # checkpoints written before per-process RNG states (one process)
+            meta["rng"], tensors["rng.torch.0"] = [meta["rng"]], tensors["rng.torch"]
         if len(meta["rng"]) != self.acc.num_processes:
             self.log(f"checkpoint was written by {len(meta['rng'])} process(es), resuming on "
                      f"{self.acc.num_processes}: the data stream is unchanged (it is per sample); process RNG "

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from diffdistill.data import eval_prompts
-from diffdistill.demo import EMBEDDED_TEACHER
+from diffdistill.config import EMBEDDED_TEACHER
 from diffdistill.eval.evaluator import DigitsEvaluator
 from diffdistill.pipeline import load_teacher
 from diffdistill.sampling import generate

@@ -102,3 +102,18 @@ def test_sample_an_exported_student(run, tmp_path):
     out = tmp_path / "s.png"
     assert main(["sample", str(run / "final"), "a handwritten digit 4", "--num-images", "2", "--out", str(out)]) == 0
     assert Image.open(out).size[1] == 32 + 2 * 2
+
+
+def test_demo_end_to_end_small(tmp_path, capsys, one_thread):
+    from diffdistill.demo import run_demo
+
+    rows = run_demo(tmp_path / "demo", n_per_digit=2, overrides=[
+        "objective.num_pairs=8", "objective.teacher_steps=2", "train.max_steps=2", "train.batch_size=4",
+        "train.checkpoint_every=2", "train.sample_every=2"])
+    assert [r["model"] for r in rows] == ["teacher, 25 DDIM steps", "teacher, 1 DDIM step",
+                                          "student (regression), 1 step"]
+    assert [r["nfe"] for r in rows] == [50, 2, 1]
+    out = capsys.readouterr().out
+    assert "| teacher, 25 DDIM steps | 25 | 50 |" in out and "speed-up" in out
+    assert (tmp_path / "demo" / "report.md").is_file() and (tmp_path / "demo" / "grid.png").is_file()
+    assert (tmp_path / "demo" / "regression" / "final" / "model_index.json").is_file()

@@ -40,6 +40,8 @@ CASES = [
     ("regression", "full", FOUR, 1.0, ["objective.teacher_steps=2"]),
     ("regression", "lora", [1.0], 1.0, ["objective.teacher_steps=2"]),
     ("regression", "lora", FOUR, 2.0, ["objective.teacher_steps=2"]),
+    ("dmd2", "full", FOUR, 1.0, ["data.images=digits", "objective={name: dmd2, student_every: 1}"]),
+    ("dmd2", "lora", [1.0], 1.0, ["data.images=digits", "objective={name: dmd2, student_every: 1}"]),
 ]
 
 

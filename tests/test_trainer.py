@@ -71,9 +71,13 @@ def _losses(run):
     return [{k: v for k, v in json.loads(line).items()} for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("objective", ["regression", "two_phase_test"])
+RESUME_CASES = {"regression": [], "two_phase_test": ["objective={name: two_phase_test, critic_every: 2}"],
+                "dmd2": ["objective={name: dmd2, student_every: 3}", "data.images=digits", "student.timesteps=[1.0]"]}
+
+
+@pytest.mark.parametrize("objective", list(RESUME_CASES))
 def test_resume_is_bitwise_identical(tiny_sd, tmp_path, two_phase, objective):
-    extra = ["objective={name: two_phase_test, critic_every: 2}"] if objective != "regression" else []
+    extra = RESUME_CASES[objective]
     straight = Trainer(_cfg(tiny_sd, tmp_path / "a", "train.max_steps=6", *extra))
     straight.run()
     first = Trainer(_cfg(tiny_sd, tmp_path / "b", "train.max_steps=2", *extra))
@@ -84,9 +88,11 @@ def test_resume_is_bitwise_identical(tiny_sd, tmp_path, two_phase, objective):
     assert a.keys() == b.keys() and len(a) > 10
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
-    if objective != "regression":
-        phases = [r["phase"] for r in _losses(tmp_path / "a")]
+    phases = [r["phase"] for r in _losses(tmp_path / "a")]
+    if objective == "two_phase_test":
         assert phases.count("critic") == 3 and phases.count("student") == 6  # update ratio 1:2
+    if objective == "dmd2":
+        assert phases.count("student") == 2 and phases.count("fake_score") == 6  # student every 3rd step
 
 
 def test_corrupt_newest_checkpoint_falls_back(tiny_sd, tmp_path, capsys):

@@ -22,7 +22,8 @@ class Phase:
 @dataclass
 class LossOut:
     total: torch.Tensor                       # the scalar to backpropagate
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # named parts, for logging
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # named parts, for logging: batch means,
+    # so that averaging them over processes gives the global-batch value
     images: torch.Tensor | None = None        # optional latents/images to show
 
 
@@ -34,6 +35,9 @@ class ObjectiveConfig:
 
     def validate(self, prefix: str) -> None:
         pass
+
+    def validate_run(self, config) -> None:
+        """Checks against the other sections (e.g. an objective that needs ``data.images``)."""
 
 
 class Objective(nn.Module):

@@ -1,0 +1,5 @@
+"""Small trainable heads on backbone features (GAN discriminators)."""
+
+from .discriminator import DiscriminatorHead
+
+__all__ = ["DiscriminatorHead"]

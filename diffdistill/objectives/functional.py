@@ -1,0 +1,44 @@
+"""Pure maths of the objectives, on tensors (no models): testable on their own.
+
+Distribution matching (Yin et al., "One-step Diffusion with Distribution Matching Distillation",
+CVPR 2024 -- DMD -- and "Improved Distribution Matching Distillation for Fast Image Synthesis",
+NeurIPS 2024 -- DMD2) and the non-saturating GAN losses (Goodfellow et al. 2014) DMD2 adds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """DMD's distribution-matching gradient on the generator output ``x`` (DMD eq. 7-8): the difference
+    of the fake and real scores, written with x0 predictions at a noised copy of ``x``,
+    ``(x - x0_real) - (x - x0_fake) = x0_fake - x0_real``, divided per sample by the mean absolute
+    ``x - x0_real`` (DMD eq. 8's weighting ``w_t``, which makes the step size uniform over t). Gradient
+    *descent* on ``x`` with this moves it from where the fake score points towards where the real one
+    does. ``(B, ...)`` in, ``(B, ...)`` out, computed in float64 like the authors' code."""
+    x, x0_real, x0_fake = x.double(), x0_real.double(), x0_fake.double()
+    p_real, p_fake = x - x0_real, x - x0_fake
+    dims = tuple(range(1, x.ndim))
+    return (p_real - p_fake) / p_real.abs().mean(dim=dims, keepdim=True)
+
+
+def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The surrogate whose gradient w.r.t. ``x`` is ``grad / x.numel()``: ``0.5 * mean((x - sg(x - grad))^2)``."""
+    return 0.5 * F.mse_loss(x.float(), (x.detach().double() - grad.detach()).float())
+
+
+def denoising_loss(pred_eps: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The fake score's denoising score matching loss (DMD eq. 6), in epsilon space as in DMD2's code."""
+    return F.mse_loss(pred_eps.float(), eps.float())
+
+
+def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss ``E[softplus(-D(G(z)))]`` (DMD2 eq. 5's generator side)."""
+    return F.softplus(-logits_fake.float()).mean()
+
+
+def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """``E[softplus(-D(x_real))] + E[softplus(D(G(z)))]``: real labelled 1, generated 0 (DMD2 eq. 5)."""
+    return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()

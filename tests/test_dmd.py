@@ -1,0 +1,119 @@
+"""DMD / DMD2: the pure maths, each phase's gradients, shared-base LoRA, backward simulation, configs."""
+
+import pytest
+import torch
+
+from diffdistill.config import ConfigError, load_config
+from diffdistill.objectives import functional as fn
+from diffdistill.trainer import Trainer
+
+from test_trainer import TINY
+
+
+def _cfg(tiny_sd, run, *overrides):
+    return load_config(TINY, [f"teacher.path={tiny_sd}", f"train.output_dir={run}",
+                              "objective={name: dmd2, student_every: 2}", "data.images=digits",
+                              "student.timesteps=[1.0]", *overrides])
+
+
+def test_dmd_gradient_and_surrogate():
+    g = torch.Generator().manual_seed(0)
+    x, real, fake = (torch.randn(3, 4, 2, 2, generator=g) for _ in range(3))
+    assert torch.equal(fn.dmd_gradient(x, real, real), torch.zeros_like(x, dtype=torch.float64))
+    grad = fn.dmd_gradient(x, real, fake)
+    expected = (fake - real).double() / (x - real).double().abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(grad, expected)
+    x.requires_grad_(True)
+    fn.dmd_loss(x, grad).backward()
+    assert torch.allclose(x.grad.double(), grad / x.numel(), atol=1e-7)  # descent moves x along -grad
+    # one descent step moves x towards the real denoiser's prediction relative to the fake one
+    step = x.detach() - 0.1 * grad.float()
+    assert ((step - x.detach()) * (real - fake)).sum() > 0
+
+
+def test_gan_losses():
+    zero = torch.zeros(4)
+    assert torch.isclose(fn.gan_generator_loss(zero), torch.log(torch.tensor(2.0)))
+    assert torch.isclose(fn.gan_discriminator_loss(zero, zero), 2 * torch.log(torch.tensor(2.0)))
+    good = fn.gan_discriminator_loss(torch.full((4,), 3.0), torch.full((4,), -3.0))
+    assert good < fn.gan_discriminator_loss(zero, zero) and fn.gan_generator_loss(torch.full((4,), 3.0)) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_each_phase_trains_only_its_modules(tiny_sd, tmp_path, kind, one_thread):
+    extra = ["student.kind=lora", "student.lora_rank=4"] if kind == "lora" else []
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", *extra))
+    obj, groups = trainer.objective, trainer.groups
+    assert [(p.name, p.modules, p.every) for p in trainer.phases] == [
+        ("student", ["student"], 2), ("fake_score", ["fake_score", "disc"], 1)]
+    if kind == "lora":  # shared base: one frozen network carries both adapters
+        assert obj.fake.backbone is obj.student.backbone is trainer.teacher.backbone
+    base = {k: p.detach().clone() for k, p in trainer.teacher.backbone.denoiser.named_parameters()
+            if "lora" not in k}
+    from diffdistill.batch import micro_batch
+
+    for phase in trainer.phases:
+        for group in groups.values():
+            for p in group.values():
+                p.grad = None
+        trainer._activate(phase)
+        batch = micro_batch(trainer.prompts, 2, 0, 0, images=trainer.images)
+        out = obj.loss(phase.name, batch, 0)
+        assert torch.isfinite(out.total)
+        expected = {"student": {"dm_loss", "gan_generator"}, "fake_score": {"fake_denoising", "gan_discriminator"}}
+        assert expected[phase.name] <= out.terms.keys()
+        out.total.backward()
+        for name, group in groups.items():
+            grads = [p.grad for p in group.values()]
+            if name in phase.modules:  # the student's gradient survives the adapter switches in between
+                assert any(g is not None and g.abs().sum() > 0 for g in grads), (phase.name, name)
+            else:
+                assert all(g is None for g in grads), (phase.name, name)
+    trainer.run()
+    after = dict(trainer.teacher.backbone.denoiser.named_parameters())
+    assert all(torch.equal(base[k], after[k]) for k in base)  # the teacher never changes
+
+
+def test_backward_simulation_runs_the_students_own_steps(tiny_sd, tmp_path, monkeypatch, one_thread):
+    from diffdistill.batch import micro_batch
+    from diffdistill.student import Student
+
+    four = [1.0, 0.75, 0.5, 0.25]
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", f"student.timesteps={four}"))
+    calls, real_forward = [], Student.forward
+
+    def spy(self, x_t, t, cond, out="x0"):
+        result = real_forward(self, x_t, t, cond, out)
+        if self is trainer.student:
+            calls.append((float(t), torch.is_grad_enabled(), x_t.detach().clone(), result.detach().clone()))
+        return result
+
+    monkeypatch.setattr(Student, "forward", spy)
+    seen = set()
+    sched = trainer.teacher.backbone.schedule
+    for step in range(8):
+        calls.clear()
+        batch = micro_batch(trainer.prompts, 2, 0, step, images=trainer.images)
+        x = trainer.objective.generate(batch, trainer.teacher.encode_prompt(batch.prompts), grad=True)
+        k = len(calls) - 1
+        seen.add(k)
+        assert [c[0] for c in calls] == four[:k + 1] and [c[1] for c in calls] == [False] * k + [True]
+        assert torch.equal(x.detach(), calls[-1][3])
+        replay = micro_batch(trainer.prompts, 2, 0, step, images=trainer.images)
+        z = replay.randn(*trainer.teacher.latent_shape)
+        assert torch.equal(calls[0][2], z)  # step 0 starts from pure noise
+        for i in range(1, k + 1):  # each later input is the previous x0 re-noised: no real image involved
+            eps = replay.randn(*trainer.teacher.latent_shape)
+            assert torch.allclose(calls[i][2], sched.add_noise(calls[i - 1][3], eps, four[i]), atol=1e-6)
+    assert len(seen) > 1
+
+
+def test_dmd_configs_are_checked(tiny_sd, tmp_path):
+    with pytest.raises(ConfigError, match="data.images"):
+        load_config(TINY, ["objective={name: dmd2}"])
+    with pytest.raises(ConfigError, match="student.guidance"):
+        load_config(TINY, ["objective={name: dmd2}", "data.images=digits", "student.guidance=2.0"])
+    with pytest.raises(ConfigError, match="objective.student_every"):
+        load_config(TINY, ["objective={name: dmd2, student_every: 0}", "data.images=digits"])
+    cfg = load_config(TINY, ["objective={name: dmd}"])  # DMD: regression + DM, no GAN, 1:1 updates
+    assert cfg.objective.regression_weight == 0.25 and cfg.objective.gan_weight == 0 and cfg.objective.student_every == 1
