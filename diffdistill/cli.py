@@ -28,7 +28,14 @@ def _sample(args) -> int:
 
 
 def _eval(args) -> int:
-    from .eval.harness import EvalInputError, check_protocol_inputs, evaluate, resolve_models, table, write_report
+    from .eval.harness import (
+        EvalInputError,
+        check_protocol_inputs,
+        evaluate,
+        resolve_models,
+        table,
+        write_report,
+    )
 
     try:  # everything that can be checked without loading a model
         check_protocol_inputs(args.protocol, args.captions, args.images, args.num_images)

@@ -108,6 +108,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     gradient_accumulation: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16 (GPU only)
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers: tensorboard, wandb
     gradient_checkpointing: bool = False
     ema_decay: float = 0.999
     max_consecutive_nonfinite: int = 10
@@ -129,6 +130,9 @@ class TrainConfig:
         _check(self.mixed_precision in ("no", "fp16", "bf16"), f"{p}.mixed_precision",
                f"must be no, fp16 or bf16, got {self.mixed_precision!r}")
         _check(bool(self.output_dir), f"{p}.output_dir", "must be a folder path")
+        for i, tracker in enumerate(self.log_with):
+            _check(tracker in ("tensorboard", "wandb"), f"{p}.log_with[{i}]",
+                   f"must be tensorboard or wandb (or leave the list empty), got {tracker!r}")
 
 
 @dataclass

@@ -32,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, dump_config
 from .batch import micro_batch
+from .config import Config, dump_config
 from .ema import EMA
 from .images import save_grid
 from .objectives import OBJECTIVES, Objective
@@ -63,7 +63,7 @@ class Trainer:
         cuda = torch.cuda.is_available()
         self.acc = accelerator or Accelerator(
             mixed_precision=tc.mixed_precision if cuda else "no", cpu=not cuda,  # cpu: gloo under torchrun
-            log_with="tensorboard", project_dir=str(self.run_dir / "logs"),
+            log_with=tc.log_with or None, project_dir=str(self.run_dir / "logs"),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.acc.num_processes:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from diffdistill import checkpoint as ckpt  # noqa: E402
-from diffdistill.config import load_config  # noqa: E402
-from diffdistill.eval.protocols import digits_protocol  # noqa: E402
-from diffdistill.images import save_grid  # noqa: E402
-from diffdistill.trainer import Trainer  # noqa: E402
+from diffdistill import checkpoint as ckpt
+from diffdistill.config import load_config
+from diffdistill.eval.protocols import digits_protocol
+from diffdistill.images import save_grid
+from diffdistill.trainer import Trainer
 
 
 def main(argv=None):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_trainer import TwoPhase  # noqa: E402
+from test_trainer import TwoPhase
 
-from diffdistill.config import load_config  # noqa: E402
-from diffdistill.objectives import OBJECTIVES  # noqa: E402
-from diffdistill.trainer import Trainer  # noqa: E402
+from diffdistill.config import load_config
+from diffdistill.objectives import OBJECTIVES
+from diffdistill.trainer import Trainer
 
 OBJECTIVES["two_phase_test"] = TwoPhase
 Trainer(load_config(sys.argv[1], sys.argv[2:])).run()

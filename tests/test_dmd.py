@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from test_trainer import TINY
 
 from diffdistill.config import ConfigError, load_config
 from diffdistill.objectives import functional as fn
 from diffdistill.trainer import Trainer
-
-from test_trainer import TINY
 
 
 def _cfg(tiny_sd, run, *overrides):

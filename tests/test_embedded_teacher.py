@@ -4,8 +4,8 @@ digits they were asked for (so a broken asset fails CI)."""
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from diffdistill.data import eval_prompts
 from diffdistill.config import EMBEDDED_TEACHER
+from diffdistill.data import eval_prompts
 from diffdistill.eval.evaluator import DigitsEvaluator
 from diffdistill.pipeline import load_teacher
 from diffdistill.sampling import generate

@@ -9,7 +9,6 @@ from conftest import TINY_PROMPTS
 from diffdistill.eval.speed import SpeedReport, measure_speed
 from diffdistill.sampling import sample_ode, sample_student
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -108,9 +108,9 @@ def test_batches_do_not_depend_on_how_the_global_batch_is_split():
              for m in range(2) for r in range(2)]  # micro-step m of rank r holds global index 2m + r
     noise = whole.randn(3, 2)  # generators are stateful: draw once, compare each split's first draw
     for parts in (halves, micro):
-        assert sum((b.prompts for b in parts), []) == whole.prompts
+        assert [p for b in parts for p in b.prompts] == whole.prompts
         assert torch.equal(torch.cat([b.images for b in parts]), whole.images)
-        assert sum((b.image_captions for b in parts), []) == whole.image_captions
+        assert [c for b in parts for c in b.image_captions] == whole.image_captions
         assert torch.equal(torch.cat([b.randn(3, 2) for b in parts]), noise)
     other = micro_batch(pool, 4, seed=3, step=8, images=images)
     assert other.prompts != whole.prompts and not torch.equal(other.randn(3, 2), noise)

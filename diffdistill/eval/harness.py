@@ -151,22 +151,22 @@ def sampler(model: Model, protocol: str | None = None):
 def evaluate(model: Model, protocol: str, *, num_images: int | None = None, seed: int = 0,
              captions: str | None = None, images: str | None = None, speed_batch: int = 10,
              timing: bool = True) -> tuple[dict, torch.Tensor]:
-    """Sample and score ``model`` under ``protocol``; returns (metrics, images in [0, 1]). ``timing``:
-    also run the speed benchmark (else ``ms_per_image`` is the protocol's wall time per image)."""
+    """Sample and score ``model`` under ``protocol``; returns (metrics, images in [0, 1]). ``model``: a
+    :class:`Model`, or any ``sample_fn(prompts, generator) -> images in [0, 1]`` (then neither NFE nor
+    speed is measured). ``timing``: also run the speed benchmark (else ``ms_per_image`` is the
+    protocol's wall time per image)."""
     from ..pipeline import sampling_grid
     from ..sampling import sample_student
-    from .protocols import coco_protocol, digits_protocol
     from .speed import measure_speed
 
+    if not isinstance(model, Model):
+        return _run_protocol(model, protocol, num_images, seed, captions, images, nfe=None)
     teacher, student = model.load()
     times, steps, guidance = recipe(model, protocol)
     sample = sampler(model, protocol)
-    nfe = steps * (2 if guidance != 1.0 else 1)
     p = get_protocol(protocol)
-    if p.dataset == "digits":
-        result, imgs = digits_protocol(sample, n_per_digit=(num_images or p.num_images) // 10, seed=seed, nfe=nfe)
-    else:
-        result, imgs = coco_protocol(sample, protocol, captions, images, num_images=num_images, seed=seed, nfe=nfe)
+    result, imgs = _run_protocol(sample, protocol, num_images, seed, captions, images,
+                                 nfe=steps * (2 if guidance != 1.0 else 1))
     result.update(model=model.label, source=model.path, checkpoint=model.checkpoint, steps=steps, guidance=guidance,
                   student_timesteps=times)
     if not timing:
@@ -184,6 +184,15 @@ def evaluate(model: Model, protocol: str, *, num_images: int | None = None, seed
     return result, imgs
 
 
+def _run_protocol(sample, protocol, num_images, seed, captions, images, nfe):
+    from .protocols import coco_protocol, digits_protocol
+
+    p = get_protocol(protocol)
+    if p.dataset == "digits":
+        return digits_protocol(sample, n_per_digit=(num_images or p.num_images) // 10, seed=seed, nfe=nfe)
+    return coco_protocol(sample, protocol, captions, images, num_images=num_images, seed=seed, nfe=nfe)
+
+
 COLUMNS = [("model", "model", "{}"), ("steps", "steps", "{}"), ("NFE", "nfe", "{:g}"), ("FID", "fid", "{:.3f}"),
            ("FID/floor", "fid_ratio_to_floor", "{:.2f}"), ("CLIP", "clip_score", "{:.3f}"),
            ("prompt acc", "prompt_accuracy", "{:.3f}"), ("diversity", "diversity", "{:.3f}"),
@@ -192,17 +201,19 @@ COLUMNS = [("model", "model", "{}"), ("steps", "steps", "{}"), ("NFE", "nfe", "{
 
 
 def table(rows: list[dict]) -> str:
-    """A Markdown table of ``rows`` (missing values: n/a). ``diversity_ratio`` / ``speed_up`` are relative to
-    the first row when it is a teacher, else diversity is relative to the real images."""
+    """A Markdown table of ``rows`` (missing values: n/a). ``diversity_ratio`` and ``speed_up`` are relative
+    to the first row when it is a teacher; otherwise diversity is relative to the real images and there
+    is no speed-up."""
     if rows:
         ref = rows[0]
         for r in rows:
             if r.get("diversity") is not None:
                 denom = ref["diversity"] if ref.get("student_timesteps") is None else r.get("diversity_real")
                 r["diversity_ratio"] = r["diversity"] / denom if denom else None
-            r["speed_up"] = ref["ms_per_image"] / r["ms_per_image"] if r.get("ms_per_image") else None
+            teacher_first = ref.get("student_timesteps") is None and ref.get("ms_per_image")
+            r["speed_up"] = ref["ms_per_image"] / r["ms_per_image"] if teacher_first and r.get("ms_per_image") else None
     head = "| " + " | ".join(c[0] for c in COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    cell = lambda r, key, fmt: "n/a" if r.get(key) is None else fmt.format(r[key])  # noqa: E731
+    cell = lambda r, key, fmt: "n/a" if r.get(key) is None else fmt.format(r[key])
     return head + "".join("| " + " | ".join(cell(r, k, f) for _, k, f in COLUMNS) + " |\n" for r in rows)
 
 
@@ -224,9 +235,9 @@ def write_report(out: str | Path, rows: list[dict], grids: list[torch.Tensor], p
     notes += ("ms/image: text encoder + denoiser + VAE decode, median of 3 timed runs after a warm-up, "
               f"batch {rows[0]['speed']['batch_size']}, {rows[0]['speed']['device']}, {rows[0]['speed']['dtype']}. "
               "NFE counts both CFG branches. Diversity ratio: against the first row when it is a teacher, else "
-              "against the real images; speed-up: against the first row.\n")
+              "against the real images; speed-up: against the first row when it is a teacher.\n")
     (out / "report.md").write_text(f"# Evaluation\n\n{text}\n{notes}\n![samples](grid.png)\n")
     nrow = min(min(len(g) for g in grids), 10)
-    spread = lambda g: g[torch.linspace(0, len(g) - 1, nrow).long()]  # noqa: E731 (one per digit on digits)
+    spread = lambda g: g[torch.linspace(0, len(g) - 1, nrow).long()]
     save_grid(torch.cat([spread(g) for g in grids]), out / "grid.png", nrow=nrow, upscale=2)
     return out

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..batch import Batch  # noqa: F401  (part of the objective contract)
+from ..batch import Batch
 
 
 @dataclass

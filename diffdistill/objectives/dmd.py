@@ -78,10 +78,9 @@ class DMD2Config(ObjectiveConfig):
         _check(self.gan_max_t <= 1.0, f"{p}.gan_max_t", f"must be <= 1, got {self.gan_max_t}")
 
     def validate_run(self, config) -> None:
-        if self.gan_weight > 0 or self.disc_weight > 0:
-            if config.data.images is None:
-                raise ConfigError("data.images", f"objective {self.name!r} with a GAN term (gan_weight / disc_weight > 0) "
-                                  "needs real images: set data.images (e.g. 'digits'), or set both weights to 0")
+        if (self.gan_weight > 0 or self.disc_weight > 0) and config.data.images is None:
+            raise ConfigError("data.images", f"objective {self.name!r} with a GAN term (gan_weight / disc_weight > 0) "
+                              "needs real images: set data.images (e.g. 'digits'), or set both weights to 0")
         if config.student.guidance != 1.0:
             raise ConfigError("student.guidance", f"{self.name} students sample without CFG (the real score carries "
                               f"the guidance); got {config.student.guidance}")
