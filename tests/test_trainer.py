@@ -198,3 +198,21 @@ def test_shared_base_lora_leaves_the_teacher_untouched(tiny_sd, tmp_path):
     assert all(torch.equal(base_before[k], p) for k, p in bb.denoiser.named_parameters() if "lora" not in k)
     assert any(not torch.equal(lora_before[k], p) for k, p in trainer.groups["student"].items())
     assert all(k.count(".student.") == 1 for k in trainer.groups["student"])
+
+
+def test_checkpoints_from_before_per_process_rng_still_resume(tiny_sd, tmp_path):
+    """Checkpoints written by the one-process trainer (one RNG state, tensor 'rng.torch') resume exactly."""
+    Trainer(_cfg(tiny_sd, tmp_path / "a", "train.max_steps=4")).run()
+    run = tmp_path / "b"
+    Trainer(_cfg(tiny_sd, run, "train.max_steps=2")).run()
+    path = run / "checkpoints" / "step-000002" / ckpt.STATE_FILE
+    tensors, meta = ckpt.load_state(path)
+    [rng] = meta["rng"]
+    meta["rng"], tensors["rng.torch"] = rng, tensors.pop("rng.torch.0")  # the old layout
+    ckpt.save_state(path, tensors, meta)
+    resumed = Trainer(_cfg(tiny_sd, run, "train.max_steps=4"))
+    resumed.run()
+    straight = Trainer(_cfg(tiny_sd, tmp_path / "a", "train.max_steps=4"))
+    straight._restore(*ckpt.load_state(tmp_path / "a" / "checkpoints" / "step-000004" / ckpt.STATE_FILE))
+    a, b = _snapshot(straight), _snapshot(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
