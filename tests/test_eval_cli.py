@@ -117,3 +117,17 @@ def test_demo_end_to_end_small(tmp_path, capsys, one_thread):
     assert "| teacher, 25 DDIM steps | 25 | 50 |" in out and "speed-up" in out
     assert (tmp_path / "demo" / "report.md").is_file() and (tmp_path / "demo" / "grid.png").is_file()
     assert (tmp_path / "demo" / "regression" / "final" / "model_index.json").is_file()
+
+
+def test_evaluate_takes_a_sample_function(one_thread):
+    import torch
+
+    from diffdistill import evaluate
+
+    def sample(prompts, generator):
+        return torch.rand((len(prompts), 3, 32, 32), generator=generator)
+
+    result, images = evaluate(sample, "digits", num_images=20)
+    assert images.shape == (20, 3, 32, 32) and result["num_images"] == 20
+    assert result["nfe"] is None and result["fid"] > result["fid_real_floor"]  # noise is far from digits
+    assert result["prompt_accuracy"] <= 0.5

@@ -216,3 +216,12 @@ def test_checkpoints_from_before_per_process_rng_still_resume(tiny_sd, tmp_path)
     straight._restore(*ckpt.load_state(tmp_path / "a" / "checkpoints" / "step-000004" / ckpt.STATE_FILE))
     a, b = _snapshot(straight), _snapshot(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_schedule_warms_up_then_decays(tiny_sd, tmp_path):
+    run = tmp_path / "lr"
+    Trainer(_cfg(tiny_sd, run, "train.max_steps=6", "train.lr=1e-3", "train.lr_scheduler=cosine",
+                 "train.lr_warmup_steps=2")).run()
+    lrs = [r["lr"] for r in _losses(run)]  # the LR each update used
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
+    assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0  # cosine decay over the remaining updates

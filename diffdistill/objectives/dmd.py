@@ -30,8 +30,8 @@ Defaults are DMD2's SD1.5 recipe (experiments/sdv1.5 scripts): real guidance 1.7
 
 Deviations: times are continuous (``t`` uniform, where the code draws integer timesteps); the
 regression term is latent MSE, not LPIPS (see regression.py); the head pools globally (see
-nets/discriminator.py); real images are encoded with the VAE posterior mean; the DM gradient is not
-``nan_to_num``-ed: a non-finite value skips the update through the trainer's guard.
+nets/discriminator.py); real images are encoded with the VAE posterior mean; where the authors' code
+zeroes non-finite DM gradients, ours leaves them: the trainer's guard skips and counts that update.
 """
 
 from __future__ import annotations
