@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import lora
-from .schedule import PREDICTION_TYPES, Schedule, _as_time
+from .schedule import PREDICTION_TYPES, Schedule, _as_time, _bcast
 
 
 @dataclass
@@ -92,13 +92,15 @@ class DiffusionBackbone(nn.Module):
         """The prediction of type ``out`` (``x0 | eps | v | flow``) at ``(x_t, t)`` under ``cond``."""
         return self.schedule.convert(self.raw(x_t, t, cond), x_t, t, self.pred_type, out)
 
-    def cfg(self, x_t: torch.Tensor, t, cond: Cond, uncond: Cond | None, scale: float, out: str = "x0"):
+    def cfg(self, x_t: torch.Tensor, t, cond: Cond, uncond: Cond | None, scale, out: str = "x0"):
         """Classifier-free guidance, diffusers convention: ``uncond + scale * (cond - uncond)``
-        (``scale = 1``: no guidance, one forward). Both branches run as one batch ``[uncond, cond]``
-        as diffusers' pipelines do; the combination is affine, so doing it in the native prediction
-        space and converting afterwards equals doing it in any other space."""
-        if scale == 1.0 or uncond is None:
-            if scale != 1.0:
+        (``scale = 1``: no guidance, one forward); ``scale`` a number or one per sample ``(B,)``.
+        Both branches run as one batch ``[uncond, cond]`` as diffusers' pipelines do; the combination
+        is affine, so doing it in the native prediction space and converting afterwards equals doing
+        it in any other space."""
+        unguided = bool(torch.all(torch.as_tensor(scale) == 1.0))
+        if unguided or uncond is None:
+            if not unguided:
                 raise ValueError(f"guidance scale {scale} needs an unconditional embedding (uncond)")
             return self(x_t, t, cond, out=out)
         B = x_t.shape[0]
@@ -106,7 +108,7 @@ class DiffusionBackbone(nn.Module):
         t2 = t64.repeat(2) if t64.ndim == 1 else t64
         both = Cond.cat([uncond.expand(B), cond.expand(B)])
         raw_u, raw_c = self.raw(torch.cat([x_t, x_t]), t2, both).chunk(2)
-        guided = raw_u + scale * (raw_c - raw_u)
+        guided = raw_u + _bcast(torch.as_tensor(scale, dtype=torch.float64), raw_u) * (raw_c - raw_u)
         return self.schedule.convert(guided, x_t, t, self.pred_type, out)
 
     def features(self, x_t: torch.Tensor, t, cond: Cond, levels: tuple[str, ...] | None = None):

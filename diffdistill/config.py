@@ -57,6 +57,7 @@ class StudentConfig:
     lora_targets: list[str] | None = None  # default: lora.DEFAULT_TARGETS
     timesteps: list[float] = field(default_factory=lambda: [1.0])  # continuous t, strictly decreasing
     guidance: float = 1.0  # CFG scale used when sampling the student (diffusers convention)
+    gamma: float = 1.0  # sampler stochasticity: 1 = LCM's re-noising, 0 = deterministic DDIM (PCM), TCD's gamma between
 
     def validate(self, p: str) -> None:
         _check(self.kind in ("full", "lora"), f"{p}.kind", f"must be 'full' or 'lora', got {self.kind!r}")
@@ -66,6 +67,7 @@ class StudentConfig:
         _check(all(b < a for a, b in zip(self.timesteps, self.timesteps[1:])), f"{p}.timesteps",
                f"must be strictly decreasing, got {self.timesteps}")
         _check(self.guidance >= 1.0, f"{p}.guidance", f"is a diffusers CFG scale (1 = none), must be >= 1, got {self.guidance}")
+        _check(0.0 <= self.gamma <= 1.0, f"{p}.gamma", f"must lie in [0, 1], got {self.gamma}")
 
 
 @dataclass

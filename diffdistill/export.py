@@ -80,46 +80,59 @@ def _diffusers_timesteps(student) -> list[int]:
 
 def _original_steps(scheduler, ks: list[int]) -> int | None:
     """The largest ``original_inference_steps`` for which ``set_timesteps(len(ks))`` gives ``ks`` (None if none)."""
+    # set through the config, as a pipeline call does: TCDScheduler.set_timesteps treats an explicit
+    # original_inference_steps argument differently from the configured value
     for original in range(scheduler.config.num_train_timesteps, len(ks) - 1, -1):
-        scheduler.set_timesteps(len(ks), original_inference_steps=original)
+        scheduler.register_to_config(original_inference_steps=original)
+        scheduler.set_timesteps(len(ks))
         if scheduler.timesteps.tolist() == ks:
             return original
     return None
 
 
 def _verify_scheduler(scheduler, student, ks: list[int]) -> None:
-    """The scheduler's noise levels are the student's, and its step returns the model's x0 unchanged."""
+    """The scheduler's noise levels are the student's; an LCMScheduler's step returns the model's x0 unchanged."""
     ours = student.backbone.schedule.alphas_cumprod
     gap = (scheduler.alphas_cumprod.double() - ours).abs().max().item()
     if gap > 1e-6:
         raise ExportError(f"the scheduler's alphas_cumprod differ from the student's schedule by {gap:.2e}")
+    if not hasattr(scheduler, "get_scalings_for_boundary_condition_discrete"):
+        return
     for k in ks:
         c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(torch.tensor(k))
         if float(c_skip) > 1e-9 or abs(float(c_out) - 1.0) > 1e-6:
             raise ExportError(f"LCM scalings at timestep {k}: c_skip={float(c_skip)}, c_out={float(c_out)}")
 
 
+def scheduler_class(student) -> str:
+    """``LCMScheduler`` for the re-noising sampler (``gamma = 1``), ``TCDScheduler`` (``eta = gamma``) otherwise."""
+    return "LCMScheduler" if student.gamma == 1.0 else "TCDScheduler"
+
+
 def scheduler_recipe(teacher, student) -> tuple[dict, list[int], bool]:
-    """``(LCMScheduler config, diffusers timesteps, default_call)`` for ``student``. ``default_call``: a
-    plain ``pipe(prompt, num_inference_steps=K)`` runs exactly the trained timesteps; otherwise the
-    call must pass ``timesteps=`` (a :class:`RecipeWarning` is issued)."""
-    from diffusers import LCMScheduler
+    """``(scheduler config, diffusers timesteps, default_call)`` for ``student``. ``default_call``: a plain
+    ``pipe(prompt, num_inference_steps=K)`` runs exactly the trained recipe; otherwise the call must pass
+    ``timesteps=`` (a :class:`RecipeWarning` is issued). A ``0 < gamma < 1`` call also passes ``eta=gamma``."""
+    import diffusers
 
     from .pipeline import PREDICTION_NAMES
 
+    klass = getattr(diffusers, scheduler_class(student))
     ks = _diffusers_timesteps(student)
-    accepted = inspect.signature(LCMScheduler.__init__).parameters
+    accepted = inspect.signature(klass.__init__).parameters
     config = {k: v for k, v in teacher.scheduler_config.items() if k in accepted and not k.startswith("_")}
     config.update(prediction_type={v: k for k, v in PREDICTION_NAMES.items()}[student.backbone.pred_type],
-                  timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False, steps_offset=1)
-    scheduler = LCMScheduler.from_config(config)
+                  clip_sample=False, thresholding=False, steps_offset=1)
+    if "timestep_scaling" in accepted:
+        config["timestep_scaling"] = TIMESTEP_SCALING
+    scheduler = klass.from_config(config)
     original = _original_steps(scheduler, ks)
     default_call = original is not None
     config["original_inference_steps"] = original or scheduler.config.num_train_timesteps
-    scheduler = LCMScheduler.from_config(config)
+    scheduler = klass.from_config(config)
     _verify_scheduler(scheduler, student, ks)
     if not default_call:
-        warnings.warn(f"no LCMScheduler setting reproduces the student's timesteps {ks} from num_inference_steps "
+        warnings.warn(f"no {klass.__name__} setting reproduces the student's timesteps {ks} from num_inference_steps "
                       f"alone; the export samples exactly only when called with timesteps={ks} (the model card "
                       "says so)", RecipeWarning, stacklevel=3)
     return dict(scheduler.config), ks, default_call
@@ -187,28 +200,29 @@ def _write_full(folder: Path, teacher, student, scheduler_config: dict) -> None:
     pipeline_class = getattr(diffusers, teacher.pipeline_class)
     pipe = pipeline_class(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
                           unet=student.backbone.denoiser,
-                          scheduler=diffusers.LCMScheduler.from_config(scheduler_config),
+                          scheduler=getattr(diffusers, scheduler_class(student)).from_config(scheduler_config),
                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
 def _write_lora(folder: Path, student, scheduler_config: dict) -> None:
-    from diffusers import LCMScheduler
+    import diffusers
 
     lora.save_lora(student.backbone.denoiser, student.adapter, folder)
-    LCMScheduler.from_config(scheduler_config).save_pretrained(str(folder / "scheduler"))
+    getattr(diffusers, scheduler_class(student)).from_config(scheduler_config).save_pretrained(str(folder / "scheduler"))
 
 
 def _recipe(teacher, student, config, step, ks: list[int], scheduler_config: dict, default_call: bool) -> dict:
     """The content of ``diffdistill.json`` (``files`` is added once the folder is written)."""
     recipe = {"format": _FORMAT, "kind": "full" if student.adapter is None else "lora",
               "timesteps": [float(t) for t in student.timesteps], "diffusers_timesteps": ks,
-              "num_inference_steps": len(ks), "guidance": float(student.guidance), "base": str(teacher.source),
+              "num_inference_steps": len(ks), "guidance": float(student.guidance), "gamma": float(student.gamma),
+              "base": str(teacher.source),
               "objective": config.objective.name if config is not None else None, "step": step,
               "prediction_type": student.backbone.pred_type, "dtype": str(teacher.dtype).replace("torch.", ""),
-              "scheduler": {"class": "LCMScheduler", "default_call_reproduces": default_call,
+              "scheduler": {"class": scheduler_class(student), "default_call_reproduces": default_call,
                             "original_inference_steps": scheduler_config["original_inference_steps"],
-                            "timestep_scaling": scheduler_config["timestep_scaling"]}}
+                            "timestep_scaling": scheduler_config.get("timestep_scaling")}}
     if student.adapter is not None:
         peft_config = student.backbone.denoiser.peft_config[student.adapter]
         recipe["lora"] = {"weights": LORA_WEIGHT_NAME, "rank": peft_config.r, "alpha": peft_config.lora_alpha}
@@ -318,10 +332,12 @@ def load_student(folder, base=None, *, device="cpu"):
         teacher = load_teacher(base or recipe["base"], device=device)
         lora.load_lora(teacher.backbone.denoiser, STUDENT_ADAPTER, folder / recipe["lora"]["weights"])
         teacher.backbone.denoiser.requires_grad_(False)
-        return teacher, Student(teacher.backbone, STUDENT_ADAPTER, recipe["timesteps"], recipe["guidance"])
+        return teacher, Student(teacher.backbone, STUDENT_ADAPTER, recipe["timesteps"], recipe["guidance"],
+                                recipe.get("gamma", 1.0))
     if base is None:
         teacher = load_teacher(str(folder), device=device)
-        return teacher, Student(teacher.backbone, None, recipe["timesteps"], recipe["guidance"])
+        return teacher, Student(teacher.backbone, None, recipe["timesteps"], recipe["guidance"],
+                                recipe.get("gamma", 1.0))
     from diffusers import UNet2DConditionModel
 
     teacher = load_teacher(base, device=device)
@@ -329,7 +345,8 @@ def load_student(folder, base=None, *, device="cpu"):
                                                 torch_dtype=teacher.dtype)
     unet.requires_grad_(False).eval().to(device)
     backbone = DiffusionBackbone(unet, teacher.backbone.schedule, teacher.backbone.pred_type)
-    return teacher, Student(backbone, None, recipe["timesteps"], recipe["guidance"])
+    return teacher, Student(backbone, None, recipe["timesteps"], recipe["guidance"],
+                                recipe.get("gamma", 1.0))
 
 
 def export_run(run_dir, out=None, *, checkpoint=None, overwrite: bool = False, eval_table=None) -> Path:

@@ -150,6 +150,8 @@ def read_lora_file(path: str | Path, prefix: str = "unet") -> tuple[dict, dict |
     except Exception as err:  # safetensors raises its own error types for truncated or garbled files
         raise LoraFileError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
     tensors = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    wrapped = "base_model.model."  # peft's PeftModel naming, as diffusers' LCM-LoRA example scripts save it
+    tensors = {k[len(wrapped):] if k.startswith(wrapped) else k: v for k, v in tensors.items()}
     if not any(".lora_" in k or ".lora." in k for k in tensors):
         raise LoraFileError(f"{path} holds no LoRA weights for {prefix!r} (keys '{prefix}.<module>.lora_A.weight')")
     config = None

@@ -51,11 +51,16 @@ def _summary(recipe: dict) -> str:
     k = recipe["num_inference_steps"]
     what = "full denoiser" if recipe["kind"] == "full" else \
         f"LoRA, rank {recipe['lora']['rank']}, alpha {recipe['lora']['alpha']:g}"
-    scheduler = (f"`LCMScheduler` (original_inference_steps={recipe['scheduler']['original_inference_steps']}, "
-                 f"timestep_scaling={recipe['scheduler']['timestep_scaling']:g})").replace("e+0", "e")
+    sch = recipe["scheduler"]
+    scaling = "" if sch.get("timestep_scaling") is None else f", timestep_scaling={sch['timestep_scaling']:g}"
+    scheduler = (f"`{sch.get('class', 'LCMScheduler')}` (original_inference_steps={sch['original_inference_steps']}"
+                 f"{scaling})").replace("e+0", "e")
+    gamma = recipe.get("gamma", 1.0)
     rows = [("Base model (teacher)", f"`{recipe['base']}`"), ("Method", objective_paper(recipe["objective"])),
             ("Student", what), ("Sampling steps", f"{k} (diffusers timesteps {recipe['diffusers_timesteps']})"),
             ("Guidance scale", f"{recipe['guidance']:g} (diffusers convention; 1 = no classifier-free guidance)"),
+            ("Sampler", "re-noising (LCM)" if gamma == 1.0 else "deterministic DDIM" if gamma == 0.0
+             else f"stochastic DDIM, gamma (TCD's eta) {gamma:g}"),
             ("Training step", recipe["step"] if recipe["step"] is not None else "not recorded"),
             ("Scheduler", scheduler)]
     title = f"# {recipe['objective'] or 'diffdistill'} student: {k}-step {recipe['kind']} of `{recipe['base']}`"
@@ -67,21 +72,27 @@ def _usage(recipe: dict, location: str, prompt: str) -> str:
     k, g, dtype = recipe["num_inference_steps"], recipe["guidance"], recipe["dtype"]
     exact = recipe["scheduler"]["default_call_reproduces"]
     timesteps = "" if exact else f", timesteps={recipe['diffusers_timesteps']}"
-    call = f'image = pipe("{prompt}", num_inference_steps={k}, guidance_scale={g}{timesteps}).images[0]'
+    gamma = recipe.get("gamma", 1.0)
+    eta = f", eta={gamma:g}" if 0.0 < gamma < 1.0 else ""
+    scheduler = recipe["scheduler"].get("class", "LCMScheduler")
+    call = f'image = pipe("{prompt}", num_inference_steps={k}, guidance_scale={g}{timesteps}{eta}).images[0]'
     if recipe["kind"] == "full":
         code = ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
                 f'pipe = DiffusionPipeline.from_pretrained("{location}", dtype=torch.{dtype})  # .to("cuda") on a GPU\n'
                 f"{call}")
     else:
-        code = ("import torch\nfrom diffusers import DiffusionPipeline, LCMScheduler\n\n"
+        code = (f"import torch\nfrom diffusers import DiffusionPipeline, {scheduler}\n\n"
                 f'pipe = DiffusionPipeline.from_pretrained("{recipe["base"]}", dtype=torch.{dtype})\n'
-                f'pipe.scheduler = LCMScheduler.from_pretrained("{location}", subfolder="scheduler")\n'
+                f'pipe.scheduler = {scheduler}.from_pretrained("{location}", subfolder="scheduler")\n'
                 f'pipe.load_lora_weights("{location}")\n'
                 "pipe.fuse_lora()  # optional: merge the adapter into the base weights (same images)\n"
                 f"{call}")
     notes = [(f"Always pass `guidance_scale={g}`: the pipeline's default (7.5) is not the trained recipe. "
               "StableDiffusionPipeline applies guidance only when `guidance_scale > 1`."),
              "With a fixed `generator`, these calls give the same images as diffdistill's own student sampler."]
+    if eta:
+        notes.insert(0, f"Pass `eta={gamma:g}`: it is TCDScheduler's stochasticity (gamma), a call argument, and the "
+                        "pipeline's default `eta=0.0` samples deterministically instead.")
     if not exact:
         notes.insert(0, f"**No stock scheduler setting produces the trained timesteps {recipe['diffusers_timesteps']} "
                         "from `num_inference_steps` alone**, so the call must pass `timesteps=` as above; without "
@@ -119,12 +130,18 @@ def _how(recipe: dict) -> str:
     steps = (f"`original_inference_steps` is set so that `num_inference_steps={k}` yields the trained timesteps, and"
              if recipe["scheduler"]["default_call_reproduces"] else
              "The trained timesteps come from the call's `timesteps=` argument (see Usage), and")
-    return ("## How the recipe is baked in\n\n"
-            "The scheduler is diffusers' own `LCMScheduler`. Each step predicts the clean sample and, except "
-            "on the last step, re-noises it to the next timestep with fresh noise from the pipeline's "
-            f"generator: the student's training-time sampler. {steps} "
-            "`timestep_scaling=1e6` makes LCM's boundary scalings `c_skip` ~ 0 and `c_out` = 1, so the "
-            "scheduler returns the network's prediction unchanged. `diffdistill.json` holds the recipe "
+    if recipe.get("gamma", 1.0) == 1.0:
+        how = ("The scheduler is diffusers' own `LCMScheduler`. Each step predicts the clean sample and, except "
+               "on the last step, re-noises it to the next timestep with fresh noise from the pipeline's "
+               f"generator: the student's training-time sampler. {steps} "
+               "`timestep_scaling=1e6` makes LCM's boundary scalings `c_skip` ~ 0 and `c_out` = 1, so the "
+               "scheduler returns the network's prediction unchanged.")
+    else:
+        how = ("The scheduler is diffusers' own `TCDScheduler`. Each step predicts the clean sample and the "
+               "noise, jumps by DDIM to timestep `floor((1 - eta) * next)` and, except on the last step, adds "
+               "fresh noise from there up to the next timestep (none when `eta=0`): the student's sampler, "
+               f"whose last step lands on timestep 0 as TCD's does. {steps}")
+    return ("## How the recipe is baked in\n\n" + how + " `diffdistill.json` holds the recipe "
             "(continuous times `t` in [0, 1]; diffusers timestep k is t = (k + 1) / N, N = `num_train_timesteps`).")
 
 

@@ -12,8 +12,9 @@ one coordinate system:
 * ``heun``: Heun's second-order correction (Karras et al. 2022, Alg. 1) on the same velocity; two
   calls per step, Euler on the last step into ``t = 0``.
 
-Student sampling (:func:`sample_student`) is the few-step rule of DMD2 and LCM: predict ``x0``, then,
-unless it is the last step, re-noise it to the next time with fresh noise.
+Student sampling (:func:`sample_student`) is the few-step rule of DMD2 and LCM -- predict ``x0``, then,
+unless it is the last step, re-noise it to the next time with fresh noise -- or, with ``gamma < 1``,
+TCD's stochastic DDIM rule (``gamma = 0``: deterministic DDIM, as PCM samples).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbone import Cond, DiffusionBackbone
-from .schedule import to_x0_eps
+from .schedule import _as_time, to_x0_eps
 
 SOLVERS = ("euler", "ddim", "heun")
 
@@ -83,19 +84,42 @@ def sample_ode(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond, ts:
 @torch.no_grad()
 def sample_student(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond, ts: Sequence[float] | torch.Tensor,
                    *, uncond: Cond | None = None, guidance: float = 1.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Few-step student sampling: at each time in ``ts`` (strictly decreasing, e.g. ``[1.0]`` for one
-    step) predict ``x0``; between steps re-noise it to the next time with fresh noise from
-    ``generator``. Returns the last ``x0`` prediction."""
+                   generator: torch.Generator | None = None, gamma: float = 1.0) -> torch.Tensor:
+    """Few-step student sampling at the times ``ts`` (strictly decreasing, e.g. ``[1.0]`` for one step).
+
+    ``gamma = 1`` (LCM's multistep sampler, diffusers' ``LCMScheduler``): predict ``x0``, re-noise it to the
+    next time with fresh noise from ``generator``; return the last ``x0``.
+    ``gamma < 1`` (TCD's strategic stochastic sampling, Zheng et al. 2024, Alg. 4; diffusers'
+    ``TCDScheduler`` with ``eta = gamma``): from the prediction ``(x0, eps)`` jump by DDIM to the
+    timestep ``s = floor((1 - gamma) k_next)``, ``x_s = alpha_s x0 + sigma_s eps``, then, unless it is the
+    last step, add fresh noise from ``s`` up to the next time. ``gamma = 0`` is deterministic DDIM (PCM's
+    sampler). The last step lands on the first training timestep (``k = 0``), as TCD's does.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
     ts = _times(ts, 1)
     _check_batch(noise, cond, uncond)
+    sched = backbone.schedule
     x = noise
     for i, t in enumerate(ts):
-        x0 = backbone.cfg(x, t, cond, uncond, guidance, out="x0")
-        if i + 1 == len(ts):
-            return x0
-        fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x = backbone.schedule.add_noise(x0, fresh, ts[i + 1])
+        last = i + 1 == len(ts)
+        if gamma == 1.0:
+            x0 = backbone.cfg(x, t, cond, uncond, guidance, out="x0")
+            if last:
+                return x0
+            fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x = sched.add_noise(x0, fresh, ts[i + 1])
+            continue
+        x0, eps = _x0_eps(backbone, x, t, cond, uncond, guidance)
+        t_next = sched.from_timestep(0.0) if last else _as_time(ts[i + 1])
+        t_s = sched.from_timestep(torch.floor((1 - gamma) * sched.to_timestep(t_next)))
+        x = sched.add_noise(x0, eps, t_s)
+        if last:
+            return x
+        if gamma > 0:
+            keep = float(sched.alpha(t_next) / sched.alpha(t_s)) ** 2  # alpha_bar_next / alpha_bar_s
+            fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = keep ** 0.5 * x + (1 - keep) ** 0.5 * fresh
     raise AssertionError("unreachable")
 
 

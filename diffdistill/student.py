@@ -20,10 +20,10 @@ class Student(nn.Module):
     """``student(x_t, t, cond, out=...)`` runs the student (its adapter, when LoRA) on ``backbone``."""
 
     def __init__(self, backbone: DiffusionBackbone, adapter: str | None, timesteps: list[float],
-                 guidance: float = 1.0):
+                 guidance: float = 1.0, gamma: float = 1.0):
         super().__init__()
         self.backbone, self.adapter = backbone, adapter
-        self.timesteps, self.guidance = list(timesteps), guidance
+        self.timesteps, self.guidance, self.gamma = list(timesteps), guidance, gamma
 
     def forward(self, x_t: torch.Tensor, t, cond: Cond, out: str = "x0") -> torch.Tensor:
         with self.backbone.adapter(self.adapter):
@@ -38,10 +38,10 @@ class Student(nn.Module):
     @torch.no_grad()
     def generate(self, noise: torch.Tensor, cond: Cond, uncond: Cond | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents from the student's few-step recipe (its ``timesteps`` and ``guidance``)."""
+        """Latents from the student's few-step recipe (its ``timesteps``, ``guidance`` and ``gamma``)."""
         with self.backbone.adapter(self.adapter):
             return sample_student(self.backbone, noise, cond, self.timesteps, uncond=uncond,
-                                  guidance=self.guidance, generator=generator)
+                                  guidance=self.guidance, generator=generator, gamma=self.gamma)
 
 
 def build_student(teacher, cfg) -> Student:
@@ -50,7 +50,8 @@ def build_student(teacher, cfg) -> Student:
     tb = teacher.backbone
     if cfg.kind == "full":
         denoiser = copy.deepcopy(tb.denoiser).requires_grad_(True).train()
-        return Student(DiffusionBackbone(denoiser, tb.schedule, tb.pred_type), None, cfg.timesteps, cfg.guidance)
+        return Student(DiffusionBackbone(denoiser, tb.schedule, tb.pred_type), None, cfg.timesteps, cfg.guidance,
+                       cfg.gamma)
     targets = cfg.lora_targets or lora.DEFAULT_TARGETS
     lora.add_lora(tb.denoiser, STUDENT_ADAPTER, cfg.lora_rank, cfg.lora_alpha, targets)
-    return Student(tb, STUDENT_ADAPTER, cfg.timesteps, cfg.guidance)
+    return Student(tb, STUDENT_ADAPTER, cfg.timesteps, cfg.guidance, cfg.gamma)

@@ -193,6 +193,7 @@ class Trainer:
         opt.step()
         self.schedulers[phase.name].step()
         opt.zero_grad(set_to_none=True)
+        self.objective.after_update(phase.name)
         self.state.consecutive[phase.name] = 0
         return record
 
@@ -200,6 +201,7 @@ class Trainer:
     def _state_tensors(self) -> tuple[dict, dict]:
         tensors = {f"param.{g}.{k}": p.detach() for g, group in self.groups.items() for k, p in group.items()}
         tensors.update(ckpt.prefixed("ema", self.ema.state_dict()))
+        tensors.update(ckpt.prefixed("objective", self.objective.extra_state()))
         meta = {"step": self.state.step, "skipped": self.state.skipped, "consecutive": self.state.consecutive,
                 "ema_updates": self.ema.num_updates, "optimizers": {}, "schedulers": {}, "rng": []}
         for rank, state in enumerate(self._gather_rng()):  # one entry per process
@@ -241,6 +243,7 @@ class Trainer:
                 for k, p in group.items():
                     p.copy_(tensors[f"param.{g}.{k}"])
         self.ema.load_state_dict(ckpt.unprefixed("ema", tensors), meta["ema_updates"])
+        self.objective.load_extra_state(ckpt.unprefixed("objective", tensors))
         for name, opt in self.optimizers.items():
             ckpt.load_optimizer(opt, tensors, meta["optimizers"][name], prefix=f"optim.{name}")
             self.schedulers[name].load_state_dict(meta["schedulers"][name])

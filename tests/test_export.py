@@ -32,6 +32,8 @@ TINY = ROOT / "configs" / "tiny" / "regression.yaml"
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7"]
 SEED = 1234
 FOUR = [1.0, 0.75, 0.5, 0.25]
+LCM4 = [1.0, 0.76, 0.5, 0.26]  # LCMScheduler's 4-step grid with original_inference_steps 50
+PCM4 = [1.0, 0.74, 0.5, 0.24]  # the tops of PCM's 4 phases: diffusers 999, 739, 499, 239
 
 # One line per (objective, student kind, timesteps, guidance, objective overrides that keep 2 steps cheap):
 # every objective that lands adds its lines here and gets the stock-diffusers round trip.
@@ -42,6 +44,12 @@ CASES = [
     ("regression", "lora", FOUR, 2.0, ["objective.teacher_steps=2"]),
     ("dmd2", "full", FOUR, 1.0, ["data.images=digits", "objective={name: dmd2, student_every: 1}"]),
     ("dmd2", "lora", [1.0], 1.0, ["data.images=digits", "objective={name: dmd2, student_every: 1}"]),
+    ("lcm", "lora", LCM4, 1.0, ["data.images=digits", "objective={name: lcm}"]),
+    ("lcm", "full", [1.0], 1.0, ["data.images=digits", "objective={name: lcm}"]),
+    # TCDScheduler: PCM's deterministic DDIM over its phase tops (no original_inference_steps gives them:
+    # the call passes timesteps=), TDD's gamma-sampling (the call passes eta=)
+    ("pcm", "lora", PCM4, 1.0, ["data.images=digits", "objective={name: pcm}", "student.gamma=0"]),
+    ("tdd", "full", LCM4, 1.5, ["data.images=digits", "objective={name: tdd}", "student.gamma=0.2"]),
 ]
 
 
@@ -94,23 +102,35 @@ def trained(request, tmp_path_factory):
     return request.param, run, export_run(run)
 
 
+def _call_kwargs(recipe) -> dict:
+    """What the model card's call adds: ``timesteps=`` when no scheduler setting yields them, ``eta=`` for TCD's gamma."""
+    kwargs = {} if recipe["scheduler"]["default_call_reproduces"] else {"timesteps": recipe["diffusers_timesteps"]}
+    if 0 < recipe["gamma"] < 1:
+        kwargs["eta"] = recipe["gamma"]
+    return kwargs
+
+
 def test_stock_diffusers_reproduces_the_student(trained):
-    from diffusers import DiffusionPipeline, LCMScheduler
+    import diffusers
+    from diffusers import DiffusionPipeline
 
     (_, kind, ts, guidance, _), run, out = trained
     teacher, student, info = load_run_student(run)
     assert info["step"] == 2 and info["ema"]
+    recipe = read_recipe(out)
+    kwargs = _call_kwargs(recipe)
     ours = _ours(teacher, student)
     if kind == "full":
         pipe = DiffusionPipeline.from_pretrained(str(out))
     else:
         pipe = DiffusionPipeline.from_pretrained(EMBEDDED_TEACHER, dtype=torch.float32)
-        pipe.scheduler = LCMScheduler.from_pretrained(str(out), subfolder="scheduler")
+        pipe.scheduler = getattr(diffusers, recipe["scheduler"]["class"]).from_pretrained(str(out), subfolder="scheduler")
         pipe.load_lora_weights(str(out))
-    theirs = _stock(pipe, len(ts), guidance)
+    assert type(pipe.scheduler).__name__ == ("LCMScheduler" if student.gamma == 1 else "TCDScheduler")
+    theirs = _stock(pipe, len(ts), guidance, **kwargs)
     assert pipe.scheduler.timesteps.tolist() == [round(1000 * t) - 1 for t in ts]
     diff = (theirs - ours).abs().max().item()
-    latent_diff = (_stock(pipe, len(ts), guidance, output_type="latent") -
+    latent_diff = (_stock(pipe, len(ts), guidance, output_type="latent", **kwargs) -
                    _ours(teacher, student, output_type="latent")).abs().max().item()
     teacher_gap = (_ours(teacher, Student(teacher.backbone, None, ts, guidance)) - ours).abs().mean().item()
     print(f"\n{_case_id(trained[0])}: stock vs ours {diff:.2e} (latents {latent_diff:.2e}); "
@@ -119,9 +139,11 @@ def test_stock_diffusers_reproduces_the_student(trained):
     assert teacher_gap > 1e-2  # the round trip is not trivially the teacher's
     if kind == "lora":
         pipe.fuse_lora()
-        fused = (_stock(pipe, len(ts), guidance) - ours).abs().max().item()
+        fused = (_stock(pipe, len(ts), guidance, **kwargs) - ours).abs().max().item()
         print(f"{_case_id(trained[0])}: fused vs ours {fused:.2e}")
         assert fused < 1e-4
+    if 0 < student.gamma < 1:  # eta is what makes it exact: the pipeline's default eta=0 is deterministic DDIM
+        assert (_stock(pipe, len(ts), guidance, **{**kwargs, "eta": 0.0}) - ours).abs().max().item() > 1e-3
 
 
 def test_load_student_restores_the_recipe(trained):
@@ -130,10 +152,12 @@ def test_load_student_restores_the_recipe(trained):
     assert (recipe["kind"], recipe["timesteps"], recipe["guidance"], recipe["objective"], recipe["step"]) == \
         (kind, ts, guidance, objective, 2)
     assert recipe["diffusers_timesteps"] == [round(1000 * t) - 1 for t in ts]
-    assert recipe["scheduler"]["default_call_reproduces"]
+    assert recipe["scheduler"]["default_call_reproduces"] == (ts != PCM4)
     teacher, student, _ = load_run_student(run)
     t2, s2 = load_student(out)
-    assert (s2.timesteps, s2.guidance, s2.adapter is None) == (ts, guidance, kind == "full")
+    assert (s2.timesteps, s2.guidance, s2.gamma, s2.adapter is None) == (ts, guidance, student.gamma, kind == "full")
+    if 0 < student.gamma < 1:
+        assert f"eta={student.gamma:g}" in (out / "README.md").read_text()
     assert (_ours(t2, s2) - _ours(teacher, student)).abs().max().item() < 1e-5
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     if kind == "lora":
@@ -232,6 +256,17 @@ def test_lora_round_trip_and_refused_files(tiny_lora, tmp_path):
     assert t2.backbone.denoiser.peft_config["student"].lora_alpha == 8.0
     assert (_ours(t2, s2) - _ours(teacher, student)).abs().max().item() < 1e-6
     weights = out / LORA_WEIGHT_NAME
+    # the PeftModel naming diffusers' LCM-LoRA example scripts save (unet.base_model.model.<module>...)
+    from safetensors.torch import load_file
+
+    wrapped = tmp_path / "wrapped.safetensors"
+    save_file({k.replace("unet.", "unet.base_model.model.", 1): v for k, v in load_file(str(weights)).items()},
+              str(wrapped))
+    lora.load_lora(t2.backbone.denoiser, "wrapped", wrapped)
+    params = dict(t2.backbone.denoiser.named_parameters())
+    pairs = [(k, k.replace(".student.", ".wrapped.")) for k in params if ".student." in k]
+    assert pairs and all(torch.equal(params[a], params[b]) for a, b in pairs)
+    assert t2.backbone.denoiser.peft_config["wrapped"].r == 4  # no metadata: rank from the weights
 
     pickled = tmp_path / "pytorch_lora_weights.bin"
     torch.save({"a": torch.zeros(1)}, pickled)

@@ -72,7 +72,8 @@ def _losses(run):
 
 
 RESUME_CASES = {"regression": [], "two_phase_test": ["objective={name: two_phase_test, critic_every: 2}"],
-                "dmd2": ["objective={name: dmd2, student_every: 3}", "data.images=digits", "student.timesteps=[1.0]"]}
+                "dmd2": ["objective={name: dmd2, student_every: 3}", "data.images=digits", "student.timesteps=[1.0]"],
+                "lcm": ["objective={name: lcm}", "data.images=digits"]}  # full student: its EMA target is resumed too
 
 
 @pytest.mark.parametrize("objective", list(RESUME_CASES))
@@ -91,6 +92,8 @@ def test_resume_is_bitwise_identical(tiny_sd, tmp_path, two_phase, objective):
     phases = [r["phase"] for r in _losses(tmp_path / "a")]
     if objective == "two_phase_test":
         assert phases.count("critic") == 3 and phases.count("student") == 6  # update ratio 1:2
+    if objective == "lcm":
+        assert any(k.startswith("objective.target.") for k in a)
     if objective == "dmd2":
         assert phases.count("student") == 2 and phases.count("fake_score") == 6  # student every 3rd step
 

@@ -1,9 +1,10 @@
 """Distillation objectives: one file per paper family; the registry is a plain dict."""
 
 from .base import Batch, LossOut, Objective, ObjectiveConfig, Phase
+from .consistency import LCM, PCM, TDD
 from .dmd import DMD, DMD2
 from .regression import Regression
 
-OBJECTIVES = {"regression": Regression, "dmd": DMD, "dmd2": DMD2}
+OBJECTIVES = {"regression": Regression, "dmd": DMD, "dmd2": DMD2, "lcm": LCM, "pcm": PCM, "tdd": TDD}
 
-__all__ = ["DMD", "DMD2", "OBJECTIVES", "Batch", "LossOut", "Objective", "ObjectiveConfig", "Phase", "Regression"]
+__all__ = ["DMD", "DMD2", "LCM", "OBJECTIVES", "PCM", "TDD", "Batch", "LossOut", "Objective", "ObjectiveConfig", "Phase", "Regression"]

@@ -62,3 +62,17 @@ class Objective(nn.Module):
 
     def prepare(self, run_dir, device) -> None:
         """One-time work before training (e.g. caching teacher pairs in the run folder). Default: none."""
+
+    def after_update(self, phase: str) -> None:
+        """Called after each optimizer step of ``phase`` that was taken (not after a skipped one), e.g. to
+        move a consistency target network towards the student. Default: nothing."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Training state that is neither a trainable parameter nor the student's EMA (e.g. an EMA target
+        network); checkpoints save it and :meth:`load_extra_state` restores it. Default: none."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"{type(self).__name__} keeps no extra state, but the checkpoint holds "
+                             f"{sorted(tensors)[:3]}...")

@@ -42,3 +42,26 @@ def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """``E[softplus(-D(x_real))] + E[softplus(D(G(z)))]``: real labelled 1, generated 0 (DMD2 eq. 5)."""
     return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
+
+
+# -- consistency distillation (LCM, TDD, PCM) ---------------------------------------------------------
+def lcm_boundary_scalings(timestep: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """The consistency boundary scalings ``(c_skip, c_out)`` of LCM (Luo et al. 2023, sec. 4.2, after Song
+    et al. 2023's eq. 7 with ``sigma_min`` taken as 0): with ``s = timestep_scaling * timestep`` (the diffusers
+    integer timestep, as LCM's code and ``LCMScheduler`` use it),
+    ``c_skip = sigma_data^2 / (s^2 + sigma_data^2)`` and ``c_out = s / sqrt(s^2 + sigma_data^2)``, so
+    ``c_skip(0) = 1`` and ``c_out(0) = 0``: the consistency function is the identity at timestep 0."""
+    s = timestep_scaling * timestep.double()
+    return sigma_data ** 2 / (s ** 2 + sigma_data ** 2), s / (s ** 2 + sigma_data ** 2).sqrt()
+
+
+def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber", huber_c: float = 1e-3):
+    """The distance between the online consistency output and the target's: ``l2`` (mean squared error) or
+    ``huber``, the pseudo-Huber ``mean(sqrt((pred - target)^2 + c^2) - c)`` used by LCM's and PCM's code
+    (Song & Dhariwal 2023's improved consistency training)."""
+    diff = pred.float() - target.float()
+    if kind == "l2":
+        return diff.pow(2).mean()
+    if kind == "huber":
+        return ((diff.pow(2) + huber_c ** 2).sqrt() - huber_c).mean()
+    raise ValueError(f"unknown consistency loss {kind!r}; choose 'l2' or 'huber'")

@@ -1,0 +1,337 @@
+"""Consistency distillation: LCM and LCM-LoRA (Luo et al. 2023, "Latent Consistency Models: Synthesizing
+High-Resolution Images with Few-Step Inference"; Luo et al. 2023, "LCM-LoRA: A Universal Stable-Diffusion
+Acceleration Module"). Reference implementation read: diffusers' examples/consistency_distillation.
+
+One training step (LCM Algorithm 1, "latent consistency distillation"):
+
+1. real latents ``x0`` (the VAE posterior mean of ``data.images``) with their captions ``c``;
+2. a start time ``t_n`` drawn from the teacher solver's grid -- ``num_ddim_timesteps`` points, diffusers
+   timesteps ``k = T/N * (i + 1) - 1`` (19, 39, ..., 999 for N = 50) -- and the target time one grid step
+   below, ``k - T/N`` clamped at 0 (LCM's skipping step, sec. 4.4);
+3. ``x_{t_n} = alpha x0 + sigma eps``;
+4. the teacher's guided prediction at ``x_{t_n}`` with a CFG scale ``w ~ U[w_min, w_max]`` per sample
+   (sec. 4.3), and one DDIM step with it to ``t_m``: ``x_{t_m} = alpha_m x0_T + sigma_m eps_T``;
+5. the consistency function ``f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t)``
+   (:func:`functional.lcm_boundary_scalings`, sec. 4.2) of the student at ``(x_{t_n}, t_n)`` is pulled
+   towards the target network's ``f`` at ``(x_{t_m}, t_m)`` (no gradient) with the pseudo-Huber loss.
+
+Target network: for a full student an EMA copy of it (``target_decay`` 0.95, as diffusers' full LCM
+script), updated after every student step and saved in checkpoints; for a LoRA student (LCM-LoRA) the
+online student itself under ``no_grad``, as in diffusers' LCM-LoRA script. In shared-base mode the teacher
+is the same network with adapters off.
+
+Sampling (LCM's multistep sampler = diffusers' ``LCMScheduler``): ``f`` at each of ``student.timesteps``,
+re-noised to the next with fresh noise. Our sampler returns the network's x0 prediction where LCM's returns
+``f``; they differ by ``c_skip(k) (x - x0)``, and ``c_skip`` is below 7e-6 at every grid timestep >= 19
+(3.7e-8 at the 4-step grid's last timestep 259), far below float32 resolution of the result.
+
+Defaults follow diffusers' LCM scripts for SD1.5: 50 DDIM timesteps, timestep scaling 10, sigma_data 0.5,
+w in [5, 15] in the scripts' form ``cond + w (cond - uncond)`` -- CFG scales [6, 16] in our (diffusers)
+convention --, the EMA target's 0.95, and the pseudo-Huber loss with c = 0.001 of their published
+commands (their argparse default is l2).
+
+Deviations: real latents are the VAE posterior mean (the script samples the posterior); full students
+are not given LCM's guidance-scale embedding (``w``-conditioning): the student samples without CFG and
+its guidance is the training range's distilled average, as for LCM-LoRA.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..backbone import DiffusionBackbone
+from ..config import ConfigError, _check
+from ..schedule import to_x0_eps
+from ..student import Student
+from . import functional as fn
+from .base import Batch, LossOut, Objective, ObjectiveConfig, Phase
+
+
+@dataclass
+class LCMConfig(ObjectiveConfig):
+    name: ClassVar[str] = "lcm"
+    num_ddim_timesteps: int = 50   # teacher solver grid; the skipping interval is T / N timesteps
+    w_min: float = 6.0             # teacher CFG ~ U[w_min, w_max] per sample, diffusers convention (1 = none)
+    w_max: float = 16.0
+    loss: str = "huber"            # huber | l2
+    huber_c: float = 0.001
+    timestep_scaling: float = 10.0
+    sigma_data: float = 0.5
+    target_decay: float = 0.95     # full students: EMA rate of the target network
+    empty_prompt_prob: float = 0.0  # per sample, the caption is replaced by "" (student, teacher and target)
+
+    def validate(self, p: str) -> None:
+        _check(self.num_ddim_timesteps >= 1, f"{p}.num_ddim_timesteps", f"must be >= 1, got {self.num_ddim_timesteps}")
+        _check(1.0 <= self.w_min <= self.w_max, f"{p}.w_min",
+               f"need 1 <= w_min <= w_max (diffusers CFG scales), got {self.w_min}, {self.w_max}")
+        _check(self.loss in ("huber", "l2"), f"{p}.loss", f"must be 'huber' or 'l2', got {self.loss!r}")
+        _check(self.huber_c > 0, f"{p}.huber_c", f"must be positive, got {self.huber_c}")
+        _check(self.timestep_scaling > 0 and self.sigma_data > 0, f"{p}.timestep_scaling",
+               "timestep_scaling and sigma_data must be positive")
+        _check(0.0 <= self.target_decay < 1.0, f"{p}.target_decay", f"must be in [0, 1), got {self.target_decay}")
+        _check(0.0 <= self.empty_prompt_prob < 1.0, f"{p}.empty_prompt_prob",
+               f"must be in [0, 1), got {self.empty_prompt_prob}")
+
+    def validate_run(self, config) -> None:
+        if config.data.images is None:
+            raise ConfigError("data.images", f"objective {self.name!r} noises real images: set data.images "
+                              "(e.g. 'digits', an image folder or webdataset shards)")
+
+
+class ConsistencyDistillation(Objective):
+    """What LCM, TDD and PCM share: one student phase pulling the student's consistency function at
+    ``(x_{t_n}, t_n)`` towards the target network's at the teacher's DDIM step ``(x_{t_m}, t_m)``.
+    Subclasses choose the time pairs (:meth:`times`) and the consistency function (:meth:`consistency`)."""
+
+    def __init__(self, cfg, teacher, student: Student, prompt_pool: list[str]):
+        super().__init__()
+        self.cfg, self.teacher, self.student = cfg, teacher, student
+        self.target = None
+        if student.adapter is None:  # full student: an EMA copy, not trained by any optimizer
+            sb = student.backbone
+            denoiser = copy.deepcopy(sb.denoiser).requires_grad_(False).eval()
+            self.target = Student(DiffusionBackbone(denoiser, sb.schedule, sb.pred_type), None, student.timesteps)
+        schedule = teacher.backbone.schedule
+        T, N = schedule.num_train_timesteps, cfg.num_ddim_timesteps
+        if T % N:
+            raise ConfigError("objective.num_ddim_timesteps", f"must divide the teacher's {T} training timesteps, got {N}")
+        self.skip = T // N
+        self.grid_ks = torch.arange(1, N + 1, dtype=torch.float64) * self.skip - 1  # 19, 39, ..., 999
+        self._check_student_times()
+
+    def _check_student_times(self) -> None:
+        ks = self.teacher.backbone.schedule.to_timestep(torch.tensor(self.student.timesteps, dtype=torch.float64))
+        off = [float(k) for k in ks if not torch.isclose(self.grid_ks, k).any()]
+        if off:
+            raise ConfigError("student.timesteps", f"{self.student.timesteps} include diffusers timesteps {off} that are "
+                              f"not on the {self.cfg.num_ddim_timesteps}-step training grid ({self.skip}(i+1) - 1); "
+                              "the consistency function is trained only there")
+
+    def phases(self) -> list[Phase]:
+        return [Phase("student", ["student"])]
+
+    def trainable(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        return {"student": self.student.named_parameters_to_train()}
+
+    # -- the target network ------------------------------------------------------------------------
+    def target_net(self) -> Student:
+        return self.student if self.target is None else self.target
+
+    @torch.no_grad()
+    def after_update(self, phase: str) -> None:
+        if self.target is None:
+            return
+        live = self.student.backbone.denoiser.parameters()
+        for tp, p in zip(self.target.backbone.denoiser.parameters(), live):
+            tp.lerp_(p.detach(), 1.0 - self.cfg.target_decay)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        if self.target is None:
+            return {}
+        return {f"target.{k}": v.detach() for k, v in self.target.backbone.denoiser.state_dict().items()}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.target is None:
+            return super().load_extra_state(tensors)
+        state = {k[len("target."):]: v for k, v in tensors.items() if k.startswith("target.")}
+        if not state:  # never silently restart the target from the student
+            raise ValueError("the checkpoint holds no consistency target network (objective.target.*)")
+        self.target.backbone.denoiser.load_state_dict(state)
+
+    # -- the parts subclasses choose -----------------------------------------------------------------
+    def times(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(t_n, t_m, t_end)``, each ``(B,)`` float64: the start time on the solver grid, the teacher's
+        DDIM target one grid step below (timestep 0 at the bottom), and where the consistency function
+        maps to (LCM: timestep 0)."""
+        sched = self.teacher.backbone.schedule
+        index = batch.randint(len(self.grid_ks))
+        k_n = self.grid_ks[index]
+        k_m = (k_n - self.skip).clamp_min(0)
+        return sched.from_timestep(k_n), sched.from_timestep(k_m), sched.from_timestep(torch.zeros_like(k_n))
+
+    def consistency(self, net: Student, x_t: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, cond) -> torch.Tensor:
+        """LCM's ``f(x, t) = c_skip x + c_out x0_theta(x, t)`` (its end is always timestep 0)."""
+        k = self.teacher.backbone.schedule.to_timestep(t).to(x_t.device)
+        c_skip, c_out = fn.lcm_boundary_scalings(k, self.cfg.sigma_data, self.cfg.timestep_scaling)
+        c_skip, c_out = (c.to(x_t.dtype).view(-1, *[1] * (x_t.ndim - 1)) for c in (c_skip, c_out))
+        return c_skip * x_t + c_out * net(x_t, t, cond, out="x0")
+
+    def guidance(self, batch: Batch) -> torch.Tensor:
+        """The teacher's CFG scale per sample, ``U[w_min, w_max]``."""
+        return self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * batch.rand().double()
+
+    @torch.no_grad()
+    def teacher_step(self, x_t: torch.Tensor, t_n: torch.Tensor, t_m: torch.Tensor, cond, w: torch.Tensor):
+        """One DDIM step of the guided teacher from ``t_n`` to ``t_m``: ``alpha_m x0_T + sigma_m eps_T``."""
+        tb = self.teacher.backbone
+        with tb.adapter(None):
+            pred = tb.cfg(x_t, t_n, cond, self.teacher.empty_cond(len(x_t)), w.to(x_t.device), out=tb.pred_type)
+        x0, eps = to_x0_eps(pred, x_t, t_n, tb.pred_type, tb.schedule)
+        return tb.schedule.add_noise(x0, eps, t_m)
+
+    # -- the loss ----------------------------------------------------------------------------------
+    def captions(self, batch: Batch) -> list[str]:
+        """The batch's captions, each replaced by "" with probability ``empty_prompt_prob``."""
+        if self.cfg.empty_prompt_prob == 0:
+            return list(batch.image_captions)
+        drop = batch.rand() < self.cfg.empty_prompt_prob
+        return ["" if d else c for d, c in zip(drop.tolist(), batch.image_captions)]
+
+    def loss(self, phase: str, batch: Batch, step: int) -> LossOut:
+        if phase != "student":
+            raise ValueError(f"{self.cfg.name} has one phase, 'student'; got {phase!r}")
+        t = self.teacher
+        with torch.no_grad():
+            x0 = t.encode_images(batch.images, sample=False).to(t.dtype)  # (B, C, H, W) real latents
+            cond = t.encode_prompt(self.captions(batch))
+        t_n, t_m, t_end = (s.to(x0.device) for s in self.times(batch))
+        eps = batch.randn(*x0.shape[1:]).to(x0)
+        x_n = t.backbone.schedule.add_noise(x0, eps, t_n)
+        online = self.consistency(self.student, x_n, t_n, t_end, cond)
+        with torch.no_grad():
+            x_m = self.teacher_step(x_n, t_n, t_m, cond, self.guidance(batch))
+            target = self.consistency(self.target_net(), x_m, t_m, t_end, cond)
+        loss = fn.consistency_loss(online, target, self.cfg.loss, self.cfg.huber_c)
+        return LossOut(loss, {f"consistency_{self.cfg.loss}": loss.detach()}, images=online.detach())
+
+
+class JumpConsistency(ConsistencyDistillation):
+    """A consistency function that is a DDIM jump to an end time chosen per sample (PCM's phase edge, TDD's
+    target timestep): ``f(x, t) = alpha(t_end) x0_theta + sigma(t_end) eps_theta``, and ``f(x, t_end) = x``."""
+
+    def consistency(self, net: Student, x_t: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, cond) -> torch.Tensor:
+        sched = net.backbone.schedule
+        x0, eps = to_x0_eps(net(x_t, t, cond, out=net.backbone.pred_type), x_t, t, net.backbone.pred_type, sched)
+        at_end = (t == t_end).view(-1, *[1] * (x_t.ndim - 1))
+        return torch.where(at_end, x_t, sched.add_noise(x0, eps, t_end))
+
+
+class LCM(ConsistencyDistillation):
+    Config = LCMConfig
+
+
+@dataclass
+class PCMConfig(LCMConfig):
+    name: ClassVar[str] = "pcm"
+    num_phases: int = 4            # PCM's "multiphase": the ODE trajectory split into this many phases
+    w_min: float = 5.0             # the official SD1.5 run's w in [4, 5] ("larger CFG: over-exposure"), +1
+    w_max: float = 6.0
+
+    def validate(self, p: str) -> None:
+        super().validate(p)
+        _check(1 <= self.num_phases <= self.num_ddim_timesteps, f"{p}.num_phases",
+               f"must be in [1, num_ddim_timesteps], got {self.num_phases}")
+
+
+class PCM(JumpConsistency):
+    """Phased Consistency Model (Wang et al. 2024, "Phased Consistency Model", sec. 3; official code
+    G-U-N/Phased-Consistency-Model, read as the reference). The solver grid's indices are split into
+    ``num_phases`` phases at ``E = floor(linspace(0, N, K, endpoint=False))``; phase ``j`` holds grid indices
+    ``[E_j, E_{j+1})`` and its edge is the timestep just below it (``grid[E_j - 1]``, or 0). Within a phase
+    the consistency function is the DDIM jump to the phase's edge (:class:`JumpConsistency`); the phase is
+    that of the start time ``t_n`` for both the student and the target, and when the teacher's step lands on
+    the edge the target is ``x_{t_m}`` itself. Sampling is deterministic DDIM from phase top to phase top
+    (``student.gamma: 0``, e.g. diffusers 999, 739, 499, 239 for 4 phases), landing on timestep 0.
+
+    Defaults: the official SD1.5 LoRA run (4 phases, w 4..5 in the form ``cond + w (cond - uncond)``,
+    pseudo-Huber); the optional adversarial consistency loss is not implemented (see the adversarial
+    family). Full students use an EMA target as LCM does; the official code (LoRA) uses the online one.
+    """
+
+    Config = PCMConfig
+
+    def __init__(self, cfg: PCMConfig, teacher, student: Student, prompt_pool: list[str]):
+        super().__init__(cfg, teacher, student, prompt_pool)
+        N, K = cfg.num_ddim_timesteps, cfg.num_phases
+        self.edge_index = torch.linspace(0, N, K + 1, dtype=torch.float64)[:-1].floor().long()  # E_j
+
+    def phase_edges(self) -> torch.Tensor:
+        """The edge timestep of each phase, ascending (0, then ``grid[E_j - 1]``)."""
+        shifted = (self.edge_index - 1).clamp_min(0)
+        return torch.where(self.edge_index > 0, self.grid_ks[shifted], torch.zeros_like(self.grid_ks[shifted]))
+
+    def times(self, batch: Batch):
+        sched = self.teacher.backbone.schedule
+        index = batch.randint(len(self.grid_ks))
+        k_n = self.grid_ks[index]
+        k_m = (k_n - self.skip).clamp_min(0)
+        phase = torch.searchsorted(self.edge_index, index, right=True) - 1
+        return sched.from_timestep(k_n), sched.from_timestep(k_m), sched.from_timestep(self.phase_edges()[phase])
+
+
+@dataclass
+class TDDConfig(LCMConfig):
+    name: ClassVar[str] = "tdd"
+    min_steps: int = 4             # candidate inference schedules: equidistant min_steps..max_steps on the grid
+    max_steps: int = 8
+    window: int = 260              # target timesteps drawn among candidates within this many timesteps
+    s_ratio: float = 0.3           # then shrunk to floor((1 - U s_ratio) s0): training for gamma-sampling
+    w_min: float = 4.5             # fixed w 3.5 in the form cond + w (cond - uncond), +1
+    w_max: float = 4.5
+    empty_prompt_prob: float = 0.2  # decoupled guidance (the official SDXL run)
+
+    def validate(self, p: str) -> None:
+        super().validate(p)
+        _check(1 <= self.min_steps <= self.max_steps <= self.num_ddim_timesteps, f"{p}.min_steps",
+               f"need 1 <= min_steps <= max_steps <= num_ddim_timesteps, got {self.min_steps}, {self.max_steps}")
+        _check(self.window >= 0, f"{p}.window", f"must be >= 0, got {self.window}")
+        _check(0.0 <= self.s_ratio < 1.0, f"{p}.s_ratio", f"must be in [0, 1), got {self.s_ratio}")
+
+
+class TDD(JumpConsistency):
+    """Target-Driven Distillation (Wang et al. 2024, "Target-Driven Distillation: Consistency Distillation
+    with Target Timestep Selection and Decoupled Guidance"; official code RedAIGC/Target-Driven-Distillation,
+    read as the reference).
+
+    * Target timestep selection: the candidates are the union of the equidistant ``min_steps`` ..
+      ``max_steps``-step inference schedules on the solver grid (LCMScheduler's rule), with 0 added and the
+      top (999) left out. For the teacher's DDIM target ``k_m``, ``m`` is the largest candidate <= ``k_m``;
+      ``s0`` is drawn uniformly among the candidates in ``[m - window, m]`` and shrunk to
+      ``s = floor((1 - U s_ratio) s0)``, which trains the student for gamma-sampling. Student and target
+      both jump by DDIM to ``s`` (:class:`JumpConsistency`).
+    * Decoupled guidance: with probability ``empty_prompt_prob`` a caption is replaced by "" for the
+      student, the teacher and the target alike, so that those samples learn the unguided flow and CFG can
+      be tuned at inference (``student.guidance``).
+    * Sampling: gamma-sampling (``student.gamma`` 0.2, TDD's ``eta``) on the LCM grid; non-equidistant
+      schedules (TDD's ``special_jump``, e.g. diffusers 999, 879, 759, 499, 259) are plain
+      ``student.timesteps``.
+
+    Deviations: TDD's scheduler ends on a clean sample (alpha = 1) where ours, like diffusers' TCD, ends on
+    timestep 0 (alpha_bar 0.99915 on SD); its inference-time x0 clipping is not implemented; full students
+    use an EMA target as LCM does (the official code trains LoRA with the online one).
+    """
+
+    Config = TDDConfig
+
+    def __init__(self, cfg: TDDConfig, teacher, student: Student, prompt_pool: list[str]):
+        super().__init__(cfg, teacher, student, prompt_pool)
+        self.candidates = self.candidate_timesteps()
+
+    def candidate_timesteps(self) -> torch.Tensor:
+        N, top_down = len(self.grid_ks), self.grid_ks.flip(0)
+        picks = [top_down[torch.linspace(0, N, n + 1, dtype=torch.float64)[:-1].floor().long()]
+                 for n in range(self.cfg.min_steps, self.cfg.max_steps + 1)]
+        union = torch.unique(torch.cat(picks))  # ascending
+        return torch.cat([torch.zeros(1, dtype=torch.float64), union[:-1]])
+
+    def target_timestep(self, k_m: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """TDD's ``s`` for each teacher target timestep ``k_m`` (``(B,)``, diffusers timesteps)."""
+        c = self.candidates
+        m = c[torch.searchsorted(c, k_m, right=True) - 1]  # the largest candidate <= k_m
+        u_pick, u_shrink = batch.rand().double(), batch.rand().double()
+        s = torch.empty_like(k_m)
+        for i in range(len(k_m)):
+            inside = c[(c >= (m[i] - self.cfg.window).clamp_min(0)) & (c <= m[i])]
+            s0 = inside[min(int(u_pick[i] * len(inside)), len(inside) - 1)]
+            s[i] = torch.floor((1 - u_shrink[i] * self.cfg.s_ratio) * s0)
+        return s
+
+    def times(self, batch: Batch):
+        sched = self.teacher.backbone.schedule
+        k_n = self.grid_ks[batch.randint(len(self.grid_ks))]
+        k_m = (k_n - self.skip).clamp_min(0)
+        return sched.from_timestep(k_n), sched.from_timestep(k_m), sched.from_timestep(self.target_timestep(k_m, batch))

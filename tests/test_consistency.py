@@ -1,0 +1,191 @@
+"""Consistency distillation (LCM): maths against diffusers' LCMScheduler and DDIMScheduler, the phase
+contract, the EMA target network, configs."""
+
+import pytest
+import torch
+from test_trainer import TINY
+
+from diffdistill.batch import micro_batch
+from diffdistill.config import ConfigError, load_config
+from diffdistill.objectives import functional as fn
+from diffdistill.trainer import Trainer
+
+LCM4 = [1.0, 0.76, 0.5, 0.26]  # diffusers 999, 759, 499, 259: LCMScheduler's 4 steps (original 50)
+
+
+def _cfg(tiny_sd, run, *overrides):
+    return load_config(TINY, [f"teacher.path={tiny_sd}", f"train.output_dir={run}", "objective={name: lcm}",
+                              "data.images=digits", *overrides])
+
+
+def test_boundary_scalings_equal_lcm_schedulers():
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler()  # timestep_scaling 10, sigma_data 0.5: the values it samples with
+    ks = torch.tensor([0, 1, 19, 279, 519, 999])
+    ours = fn.lcm_boundary_scalings(ks)
+    for k, c_skip, c_out in zip(ks, *ours):
+        ref_skip, ref_out = sched.get_scalings_for_boundary_condition_discrete(k)
+        assert torch.isclose(c_skip, torch.as_tensor(ref_skip).double(), rtol=1e-6, atol=0)
+        assert torch.isclose(c_out, torch.as_tensor(ref_out).double(), rtol=1e-6, atol=1e-12)
+    assert ours[0][0] == 1.0 and ours[1][0] == 0.0  # f(x, 0) = x exactly
+    assert ours[0][2] < 7e-6 and ours[0][3] < 4e-8  # why sampling with x0 alone matches LCMScheduler
+
+
+def test_consistency_function_is_the_identity_at_timestep_zero(tiny_sd, tmp_path, one_thread):
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r"))
+    obj, teacher = trainer.objective, trainer.teacher
+    x = torch.randn(2, *teacher.latent_shape)
+    t0 = teacher.backbone.schedule.from_timestep(torch.zeros(2))
+    assert torch.equal(obj.consistency(obj.student, x, t0, t0, teacher.encode_prompt(["a", "b"])), x)
+    t = teacher.backbone.schedule.from_timestep(torch.full((2,), 999.0))
+    cond = teacher.encode_prompt(["a", "b"])
+    assert torch.allclose(obj.consistency(obj.student, x, t, t0, cond), obj.student(x, t, cond, out="x0"), atol=1e-6)
+
+
+def test_training_grid_and_teacher_step_equal_ddim(tiny_sd, tmp_path, one_thread):
+    """The skipping-step solver: start times on DDIM's 50-step trailing grid, one DDIM step to the target
+    time (timestep 0 below 19, where the script clamps and DDIM's final alpha is alphas_cumprod[0])."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r"))
+    obj, teacher = trainer.objective, trainer.teacher
+    sched = teacher.backbone.schedule
+    ddim = DDIMScheduler.from_config(teacher.scheduler_config, timestep_spacing="trailing", set_alpha_to_one=False)
+    ddim.set_timesteps(50)
+    assert sorted(ddim.timesteps.tolist()) == obj.grid_ks.long().tolist()
+    lcm = LCMScheduler.from_config(teacher.scheduler_config)
+    for k in range(1, 9):  # every LCM inference grid lies on the training grid
+        lcm.set_timesteps(k, original_inference_steps=50)
+        assert set(lcm.timesteps.tolist()) <= set(obj.grid_ks.long().tolist())
+    batch = micro_batch(trainer.prompts, 6, 0, 3)
+    t_n, t_m, t_end = obj.times(batch)
+    k_n, k_m = sched.to_timestep(t_n), sched.to_timestep(t_m)
+    assert torch.equal(k_m, (k_n - 20).clamp_min(0)) and torch.equal(sched.to_timestep(t_end), torch.zeros(6))
+    cond = teacher.encode_prompt(batch.prompts)
+    x = torch.randn(len(batch), *teacher.latent_shape)
+    for k in (999.0, 519.0, 19.0):
+        t = sched.from_timestep(torch.full((len(batch),), k))
+        t_prev = sched.from_timestep(torch.full((len(batch),), max(k - 20, 0)))
+        ours = obj.teacher_step(x, t, t_prev, cond, torch.ones(len(batch)))
+        eps = teacher.backbone(x, t, cond, out="eps")
+        ref = ddim.step(eps, int(k), x).prev_sample
+        assert torch.allclose(ours, ref, atol=1e-5), (k, (ours - ref).abs().max())
+    guided = obj.teacher_step(x, t, t_prev, cond, torch.full((len(batch),), 3.0))
+    uncond = teacher.empty_cond(len(batch))
+    e_u, e_c = teacher.backbone(x, t, uncond, out="eps"), teacher.backbone(x, t, cond, out="eps")
+    ref = ddim.step(e_u + 3.0 * (e_c - e_u), 19, x).prev_sample
+    assert torch.allclose(guided, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_only_the_student_trains_and_the_teacher_is_unchanged(tiny_sd, tmp_path, kind, one_thread):
+    extra = ["student.kind=lora", "student.lora_rank=4"] if kind == "lora" else []
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", *extra))
+    obj = trainer.objective
+    assert [(p.name, p.modules) for p in trainer.phases] == [("student", ["student"])]
+    base = {k: p.detach().clone() for k, p in trainer.teacher.backbone.denoiser.named_parameters() if "lora" not in k}
+    out = obj.loss("student", micro_batch(trainer.prompts, 2, 0, 0, images=trainer.images), 0)
+    assert torch.isfinite(out.total) and out.total > 0 and set(out.terms) == {"consistency_huber"}
+    trainer._activate(trainer.phases[0])
+    out.total.backward()
+    grads = [p.grad for p in trainer.groups["student"].values()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    if kind == "full":  # the EMA target is a separate, gradient-free copy
+        assert all(p.grad is None and not p.requires_grad for p in obj.target.parameters())
+        before = [p.detach().clone() for p in obj.target.parameters()]
+    else:
+        assert obj.target is None and obj.target_net() is obj.student
+    trainer.run()
+    after = dict(trainer.teacher.backbone.denoiser.named_parameters())
+    assert all(torch.equal(base[k], after[k]) for k in base)  # the teacher never changes
+    if kind == "full":  # four updates of target <- 0.95 target + 0.05 student moved the target
+        moved = [not torch.equal(b, p) for b, p in zip(before, obj.target.parameters())]
+        assert any(moved)
+
+
+def test_target_follows_the_student_by_ema(tiny_sd, tmp_path, one_thread):
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", "objective.target_decay=0.9"))
+    obj = trainer.objective
+    first = next(iter(obj.student.backbone.denoiser.parameters()))
+    with torch.no_grad():
+        first.add_(1.0)
+    before = next(iter(obj.target.parameters())).detach().clone()
+    obj.after_update("student")
+    assert torch.allclose(next(iter(obj.target.parameters())), 0.9 * before + 0.1 * first)
+    restored = Trainer(_cfg(tiny_sd, tmp_path / "r2", "objective.target_decay=0.9")).objective
+    with pytest.raises(ValueError, match="no consistency target"):
+        restored.load_extra_state({})
+    restored.load_extra_state(obj.extra_state())
+    assert torch.equal(next(iter(restored.target.parameters())), next(iter(obj.target.parameters())))
+
+
+def test_configs_are_checked(tiny_sd, tmp_path):
+    with pytest.raises(ConfigError, match="data.images"):
+        load_config(TINY, [f"teacher.path={tiny_sd}", "objective={name: lcm}"])
+    with pytest.raises(ConfigError, match="w_min"):
+        _cfg(tiny_sd, tmp_path, "objective.w_min=0.5")
+    with pytest.raises(ConfigError, match="objective.loss"):
+        _cfg(tiny_sd, tmp_path, "objective.loss=l1")
+    with pytest.raises(ConfigError, match="student.timesteps.*749"):
+        Trainer(_cfg(tiny_sd, tmp_path / "r", "student.timesteps=[1.0, 0.75]"))
+    with pytest.raises(ConfigError, match="divide"):
+        Trainer(_cfg(tiny_sd, tmp_path / "r", "objective.num_ddim_timesteps=30"))
+
+
+def test_shipped_configs_load():
+    for path in ("configs/demo/lcm_digits.yaml",):
+        cfg = load_config(path)
+        assert cfg.objective.name == "lcm" and cfg.student.kind == "lora"
+
+
+def test_pcm_phases_and_jump_to_the_edge(tiny_sd, tmp_path, one_thread):
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", "objective={name: pcm, num_phases: 4}"))
+    obj, teacher = trainer.objective, trainer.teacher
+    sched = teacher.backbone.schedule
+    assert obj.edge_index.tolist() == [0, 12, 25, 37]  # the official code's floor(linspace(0, 50, 4, False))
+    assert obj.phase_edges().tolist() == [0, 239, 499, 739]
+    t_n, t_m, t_end = obj.times(micro_batch(trainer.prompts, 64, 0, 5))
+    k_n, k_m, k_e = (sched.to_timestep(t) for t in (t_n, t_m, t_end))
+    expected = torch.tensor([max(e for e in (0, 239, 499, 739) if e < k) for k in k_n.tolist()], dtype=k_e.dtype)
+    assert torch.equal(k_e, expected) and bool((k_m >= k_e).all())
+    # the consistency function is the DDIM jump (x0, eps) -> edge, and the identity on the edge itself
+    x = torch.randn(2, *teacher.latent_shape)
+    cond = teacher.encode_prompt(["a", "b"])
+    t, edge = sched.from_timestep(torch.tensor([999.0, 259.0])), sched.from_timestep(torch.tensor([739.0, 239.0]))
+    eps = obj.student(x, t, cond, out="eps")
+    x0 = obj.student(x, t, cond, out="x0")
+    assert torch.allclose(obj.consistency(obj.student, x, t, edge, cond), sched.add_noise(x0, eps, edge), atol=1e-5)
+    assert torch.equal(obj.consistency(obj.student, x, edge, edge, cond), x)
+    out = obj.loss("student", micro_batch(trainer.prompts, 4, 0, 0, images=trainer.images), 0)
+    assert torch.isfinite(out.total) and out.total > 0
+
+
+def test_tdd_candidates_target_selection_and_decoupled_guidance(tiny_sd, tmp_path, one_thread):
+    from diffusers import LCMScheduler
+
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", "objective={name: tdd}"))
+    obj = trainer.objective
+    # the official code's candidate set for 50 DDIM timesteps and 4..8 steps (listed in its notes)
+    assert obj.candidates.long().tolist() == [0, 139, 159, 179, 199, 259, 299, 339, 379, 399, 439, 499, 579, 599,
+                                               639, 679, 719, 759, 799, 839, 859, 879]
+    lcm = LCMScheduler.from_config(trainer.teacher.scheduler_config)
+    schedules = set()
+    for n in range(4, 9):  # = the union of LCMScheduler's 4..8-step grids
+        lcm.set_timesteps(n, original_inference_steps=50)
+        schedules |= set(lcm.timesteps.tolist())
+    assert sorted(schedules - {999}) == obj.candidates.long().tolist()[1:]
+    batch = micro_batch(trainer.prompts, 256, 0, 7)
+    k_m = obj.grid_ks[batch.randint(50)] - 20
+    k_m = k_m.clamp_min(0)
+    s = obj.target_timestep(k_m, batch)
+    c = obj.candidates
+    m = torch.stack([c[c <= k].max() for k in k_m])
+    assert bool((s <= m).all()) and bool((s >= torch.floor(0.7 * (m - 260).clamp_min(0))).all())
+    assert bool((s == torch.floor(s)).all()) and len(set(s.tolist())) > 10
+    t_n, t_m, t_end = obj.times(micro_batch(trainer.prompts, 32, 0, 1))
+    assert bool((t_end <= t_m).all()) and bool((t_m < t_n).all())
+    captions = obj.captions(micro_batch(trainer.prompts, 200, 0, 2, images=trainer.images))
+    assert 20 < captions.count("") < 60  # decoupled guidance: about 20% unconditional
+    out = obj.loss("student", micro_batch(trainer.prompts, 4, 0, 0, images=trainer.images), 0)
+    assert torch.isfinite(out.total) and out.total > 0
