@@ -21,14 +21,22 @@ from .schedule import PREDICTION_TYPES, Schedule, _as_time, _bcast
 @dataclass
 class Cond:
     """Conditioning for a batch: ``embeds`` ``(B, L, D)`` plus backbone-specific ``extra`` tensors
-    (each with batch dimension first), e.g. SDXL's ``text_embeds`` and ``time_ids``."""
+    (each with batch dimension first), e.g. SDXL's ``text_embeds`` and ``time_ids``; ``guidance``
+    ``(B,)``: the CFG scale (diffusers convention) a guidance-embedded denoiser is conditioned on
+    (LCM's ``w``-conditioning); denoisers without a guidance embedding ignore it."""
 
     embeds: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    guidance: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.embeds.shape[0]
+
+    def with_guidance(self, scale) -> Cond:
+        """This conditioning with guidance scale ``scale`` (a number or ``(B,)``)."""
+        g = torch.as_tensor(scale, dtype=torch.float32, device=self.embeds.device)
+        return Cond(self.embeds, self.extra, g.expand(self.batch_size) if g.ndim == 0 else g)
 
     def expand(self, n: int) -> Cond:
         """This conditioning for a batch of ``n``: unchanged if it already has ``n``; a batch of 1 repeats."""
@@ -38,17 +46,35 @@ class Cond:
             raise ValueError(f"conditioning has batch {self.batch_size} but the latents have batch {n}; "
                              "pass one prompt per latent (or a single prompt for all)")
         return Cond(self.embeds.expand(n, *self.embeds.shape[1:]),
-                    {k: v.expand(n, *v.shape[1:]) for k, v in self.extra.items()})
+                    {k: v.expand(n, *v.shape[1:]) for k, v in self.extra.items()},
+                    None if self.guidance is None else self.guidance.expand(n))
 
     @staticmethod
     def cat(conds: list[Cond]) -> Cond:
         keys = set(conds[0].extra)
         if any(set(c.extra) != keys for c in conds):
             raise ValueError("cannot batch conditionings with different extra keys")
-        return Cond(torch.cat([c.embeds for c in conds]), {k: torch.cat([c.extra[k] for c in conds]) for k in keys})
+        guided = [c.guidance is not None for c in conds]
+        if any(guided) and not all(guided):
+            raise ValueError("cannot batch conditionings with and without a guidance scale")
+        return Cond(torch.cat([c.embeds for c in conds]), {k: torch.cat([c.extra[k] for c in conds]) for k in keys},
+                    torch.cat([c.guidance for c in conds]) if all(guided) else None)
 
     def to(self, *args, **kwargs) -> Cond:
-        return Cond(self.embeds.to(*args, **kwargs), {k: v.to(*args, **kwargs) for k, v in self.extra.items()})
+        g = None if self.guidance is None else self.guidance.to(*args, **kwargs)
+        return Cond(self.embeds.to(*args, **kwargs), {k: v.to(*args, **kwargs) for k, v in self.extra.items()}, g)
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sinusoidal embedding of ``w`` ``(B,)`` that guidance-embedded UNets take as ``timestep_cond``
+    (LCM, after VDM's Fourier features): ``1000 w`` times ``exp(-log(10^4) i / (dim/2 - 1))``, sines then
+    cosines, zero-padded to an odd ``dim``. ``w`` is in Ho & Salimans' form (diffusers scale - 1), as
+    diffusers' pipelines pass it."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(torch.log(torch.tensor(1e4)) / (half - 1)))
+    angles = (1000.0 * w.float())[:, None] * freqs[None, :]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 class _StopForward(Exception):
@@ -70,8 +96,19 @@ class DiffusionBackbone(nn.Module):
         self.pred_type = pred_type
 
     # -- the raw network call: the one place that knows the denoiser's signature --------------------
+    @property
+    def guidance_embedding_dim(self) -> int | None:
+        """The width of the denoiser's guidance embedding (``time_cond_proj_dim``), None if it has none."""
+        return getattr(getattr(self.denoiser, "config", None), "time_cond_proj_dim", None)
+
     def _denoise(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
         kwargs = {"added_cond_kwargs": cond.extra} if cond.extra else {}
+        dim = self.guidance_embedding_dim
+        if dim is not None:
+            if cond.guidance is None:
+                raise ValueError("this denoiser embeds the guidance scale (time_cond_proj_dim); give it one with "
+                                 "Cond.with_guidance(scale)")
+            kwargs["timestep_cond"] = guidance_embedding(cond.guidance.to(x_t.device) - 1, dim).to(x_t.dtype)
         return self.denoiser(x_t, timestep, encoder_hidden_states=cond.embeds, return_dict=False, **kwargs)[0]
 
     def _timesteps(self, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,6 +57,7 @@ class StudentConfig:
     lora_targets: list[str] | None = None  # default: lora.DEFAULT_TARGETS
     timesteps: list[float] = field(default_factory=lambda: [1.0])  # continuous t, strictly decreasing
     guidance: float = 1.0  # CFG scale used when sampling the student (diffusers convention)
+    guidance_embedding_dim: int = 0  # full students: > 0 adds LCM's guidance embedding (time_cond_proj_dim, LCM: 256)
     gamma: float = 1.0  # sampler stochasticity: 1 = LCM's re-noising, 0 = deterministic DDIM (PCM), TCD's gamma between
 
     def validate(self, p: str) -> None:
@@ -68,6 +69,10 @@ class StudentConfig:
                f"must be strictly decreasing, got {self.timesteps}")
         _check(self.guidance >= 1.0, f"{p}.guidance", f"is a diffusers CFG scale (1 = none), must be >= 1, got {self.guidance}")
         _check(0.0 <= self.gamma <= 1.0, f"{p}.gamma", f"must lie in [0, 1], got {self.gamma}")
+        _check(self.guidance_embedding_dim >= 0, f"{p}.guidance_embedding_dim",
+               f"must be >= 0, got {self.guidance_embedding_dim}")
+        _check(self.guidance_embedding_dim == 0 or self.kind == "full", f"{p}.guidance_embedding_dim",
+               "needs student.kind=full (a LoRA student shares the teacher's network, which has no guidance embedding)")
 
 
 @dataclass

@@ -25,7 +25,15 @@ class Student(nn.Module):
         self.backbone, self.adapter = backbone, adapter
         self.timesteps, self.guidance, self.gamma = list(timesteps), guidance, gamma
 
+    @property
+    def cfg_scale(self) -> float:
+        """The CFG scale its sampler applies: ``guidance``, or 1 when the network embeds the guidance."""
+        return 1.0 if self.backbone.guidance_embedding_dim is not None else self.guidance
+
     def forward(self, x_t: torch.Tensor, t, cond: Cond, out: str = "x0") -> torch.Tensor:
+        """A guidance-embedded student is conditioned on ``cond.guidance``, by default its own ``guidance``."""
+        if self.backbone.guidance_embedding_dim is not None and cond.guidance is None:
+            cond = cond.with_guidance(self.guidance)
         with self.backbone.adapter(self.adapter):
             return self.backbone(x_t, t, cond, out=out)
 
@@ -38,10 +46,28 @@ class Student(nn.Module):
     @torch.no_grad()
     def generate(self, noise: torch.Tensor, cond: Cond, uncond: Cond | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents from the student's few-step recipe (its ``timesteps``, ``guidance`` and ``gamma``)."""
+        """Latents from the student's few-step recipe (its ``timesteps``, ``guidance`` and ``gamma``): CFG
+        with ``uncond``, or, for a guidance-embedded network, one pass conditioned on ``guidance``."""
+        if self.backbone.guidance_embedding_dim is not None:
+            cond, uncond = cond.with_guidance(self.guidance), None
         with self.backbone.adapter(self.adapter):
             return sample_student(self.backbone, noise, cond, self.timesteps, uncond=uncond,
-                                  guidance=self.guidance, generator=generator, gamma=self.gamma)
+                                  guidance=self.cfg_scale, generator=generator, gamma=self.gamma)
+
+
+def with_guidance_embedding(denoiser: nn.Module, dim: int) -> nn.Module:
+    """A copy of ``denoiser`` with a guidance embedding of width ``dim`` (``time_cond_proj_dim``, LCM's
+    ``w``-conditioning), every other weight the denoiser's. The new projection starts at zero, so the
+    copy computes exactly what the denoiser does until it trains (LCM's script leaves it random)."""
+    config = {k: v for k, v in denoiser.config.items() if not k.startswith("_")}
+    grown = type(denoiser).from_config({**config, "time_cond_proj_dim": dim})
+    missing, unexpected = grown.load_state_dict(denoiser.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("time_embedding.cond_proj.") for k in missing):
+        raise ValueError(f"adding a guidance embedding changed more than time_embedding.cond_proj: missing {missing}, "
+                         f"unexpected {unexpected}")
+    torch.nn.init.zeros_(grown.time_embedding.cond_proj.weight)
+    param = next(denoiser.parameters())
+    return grown.to(param.device, param.dtype).requires_grad_(True).train()
 
 
 def build_student(teacher, cfg) -> Student:
@@ -50,6 +76,8 @@ def build_student(teacher, cfg) -> Student:
     tb = teacher.backbone
     if cfg.kind == "full":
         denoiser = copy.deepcopy(tb.denoiser).requires_grad_(True).train()
+        if cfg.guidance_embedding_dim and tb.guidance_embedding_dim is None:
+            denoiser = with_guidance_embedding(denoiser, cfg.guidance_embedding_dim)
         return Student(DiffusionBackbone(denoiser, tb.schedule, tb.pred_type), None, cfg.timesteps, cfg.guidance,
                        cfg.gamma)
     targets = cfg.lora_targets or lora.DEFAULT_TARGETS

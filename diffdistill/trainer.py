@@ -320,7 +320,7 @@ class Trainer:
             else self.prompts[:8]
         g = torch.Generator().manual_seed(self.cfg.train.seed)
         noise = torch.randn((len(prompts), *self.teacher.latent_shape), generator=g).to(self.teacher.device)
-        uncond = self.teacher.empty_cond(len(prompts)) if self.student.guidance != 1.0 else None
+        uncond = self.teacher.empty_cond(len(prompts)) if self.student.cfg_scale != 1.0 else None
         with self.ema_weights():
             latents = self.student.generate(noise, self.teacher.encode_prompt(prompts), uncond, generator=g)
         images = (self.teacher.decode_latents(latents) / 2 + 0.5).clamp(0, 1)

@@ -141,7 +141,7 @@ def sampler(model: Model, protocol: str | None = None):
         if student is None:
             return generate(teacher, list(prompts), num_steps=steps, guidance=guidance, generator=generator)
         noise = torch.randn((len(prompts), *teacher.latent_shape), generator=generator).to(teacher.device, teacher.dtype)
-        uncond = teacher.empty_cond(len(prompts)) if guidance != 1.0 else None
+        uncond = teacher.empty_cond(len(prompts)) if student.cfg_scale != 1.0 else None
         latents = student.generate(noise, teacher.encode_prompt(list(prompts)), uncond, generator=generator)
         return (teacher.decode_latents(latents) / 2 + 0.5).clamp(0, 1)
 
@@ -156,7 +156,6 @@ def evaluate(model: Model, protocol: str, *, num_images: int | None = None, seed
     speed is measured). ``timing``: also run the speed benchmark (else ``ms_per_image`` is the
     protocol's wall time per image)."""
     from ..pipeline import sampling_grid
-    from ..sampling import sample_student
     from .speed import measure_speed
 
     if not isinstance(model, Model):
@@ -165,8 +164,9 @@ def evaluate(model: Model, protocol: str, *, num_images: int | None = None, seed
     times, steps, guidance = recipe(model, protocol)
     sample = sampler(model, protocol)
     p = get_protocol(protocol)
+    cfg_scale = guidance if student is None else student.cfg_scale  # a guidance-embedded student: one pass
     result, imgs = _run_protocol(sample, protocol, num_images, seed, captions, images,
-                                 nfe=steps * (2 if guidance != 1.0 else 1))
+                                 nfe=steps * (2 if cfg_scale != 1.0 else 1))
     result.update(model=model.label, source=model.path, checkpoint=model.checkpoint, steps=steps, guidance=guidance,
                   student_timesteps=times)
     if not timing:
@@ -175,10 +175,13 @@ def evaluate(model: Model, protocol: str, *, num_images: int | None = None, seed
         else ["a photo of a cat"] * speed_batch
     if student is None:
         speed = measure_speed(teacher, prompts, ts=sampling_grid(teacher, steps), guidance=guidance, repeats=3)
-    else:
-        with student.backbone.adapter(student.adapter):
-            speed = measure_speed(dataclasses.replace(teacher, backbone=student.backbone), prompts, ts=times,
-                                  guidance=guidance, sampler=sample_student, repeats=3)
+    else:  # the student's own sampler (its adapter, gamma, guidance embedding); uncond only if it uses CFG
+
+        def student_sampler(_backbone, noise, cond, _ts, uncond=None, guidance=1.0):
+            return student.generate(noise, cond, uncond)
+
+        speed = measure_speed(dataclasses.replace(teacher, backbone=student.backbone), prompts, ts=times,
+                              guidance=cfg_scale, sampler=student_sampler, repeats=3)
     result.update(nfe=speed.nfe, ms_per_image=speed.ms_per_image,
                   ms_per_image_protocol=result["ms_per_image"], speed=speed.to_dict())
     return result, imgs

@@ -30,9 +30,14 @@ w in [5, 15] in the scripts' form ``cond + w (cond - uncond)`` -- CFG scales [6,
 convention --, the EMA target's 0.95, and the pseudo-Huber loss with c = 0.001 of their published
 commands (their argparse default is l2).
 
-Deviations: real latents are the VAE posterior mean (the script samples the posterior); full students
-are not given LCM's guidance-scale embedding (``w``-conditioning): the student samples without CFG and
-its guidance is the training range's distilled average, as for LCM-LoRA.
+Guidance embedding (LCM sec. 4.3, ``w``-conditioning; full students only): with
+``student.guidance_embedding_dim`` (LCM: 256) the student gets diffusers' ``time_cond_proj_dim`` and is
+told each sample's teacher scale ``w``; it then samples in one pass at ``student.guidance``, as
+``StableDiffusionPipeline`` does for such UNets. Without it (LoRA students, as LCM-LoRA) the student
+samples without CFG and distils the range's average guidance.
+
+Deviations: real latents are the VAE posterior mean (the script samples the posterior); the guidance
+embedding's new projection starts at zero (the script's is random), so the student starts as the teacher.
 """
 
 from __future__ import annotations
@@ -191,10 +196,12 @@ class ConsistencyDistillation(Objective):
         t_n, t_m, t_end = (s.to(x0.device) for s in self.times(batch))
         eps = batch.randn(*x0.shape[1:]).to(x0)
         x_n = t.backbone.schedule.add_noise(x0, eps, t_n)
-        online = self.consistency(self.student, x_n, t_n, t_end, cond)
+        w = self.guidance(batch)
+        cond_w = cond.with_guidance(w)  # a guidance-embedded student is told the teacher's scale (LCM sec. 4.3)
+        online = self.consistency(self.student, x_n, t_n, t_end, cond_w)
         with torch.no_grad():
-            x_m = self.teacher_step(x_n, t_n, t_m, cond, self.guidance(batch))
-            target = self.consistency(self.target_net(), x_m, t_m, t_end, cond)
+            x_m = self.teacher_step(x_n, t_n, t_m, cond, w)
+            target = self.consistency(self.target_net(), x_m, t_m, t_end, cond_w)
         loss = fn.consistency_loss(online, target, self.cfg.loss, self.cfg.huber_c)
         return LossOut(loss, {f"consistency_{self.cfg.loss}": loss.detach()}, images=online.detach())
 

@@ -84,6 +84,9 @@ class DMD2Config(ObjectiveConfig):
         if config.student.guidance != 1.0:
             raise ConfigError("student.guidance", f"{self.name} students sample without CFG (the real score carries "
                               f"the guidance); got {config.student.guidance}")
+        if config.student.gamma != 1.0 and len(config.student.timesteps) > 1:
+            raise ConfigError("student.gamma", f"{self.name}'s backward simulation re-noises with fresh noise, the "
+                              f"sampler of gamma 1; got {config.student.gamma}")
 
 
 @dataclass

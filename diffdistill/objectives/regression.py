@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import _check
+from ..config import ConfigError, _check
 from ..sampling import sample_ode
 from .base import Batch, LossOut, Objective, ObjectiveConfig, Phase
 
@@ -36,6 +36,11 @@ class RegressionConfig(ObjectiveConfig):
     guidance: float = 2.0        # teacher CFG, diffusers convention (1 = none)
     num_pairs: int = 0           # 0: pairs on the fly; N: N cached pairs per run
     pair_batch_size: int = 100
+
+    def validate_run(self, config) -> None:
+        if config.student.gamma != 1.0 and len(config.student.timesteps) > 1:
+            raise ConfigError("student.gamma", "regression trains later steps on re-noised teacher samples, the "
+                              f"sampler of gamma 1; got {config.student.gamma}")
 
     def validate(self, p: str) -> None:
         _check(self.teacher_steps > 0, f"{p}.teacher_steps", f"must be positive, got {self.teacher_steps}")
