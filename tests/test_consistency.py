@@ -78,10 +78,10 @@ def test_training_grid_and_teacher_step_equal_ddim(tiny_sd, tmp_path, one_thread
     assert torch.allclose(guided, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_only_the_student_trains_and_the_teacher_is_unchanged(tiny_sd, tmp_path, kind, one_thread):
+@pytest.mark.parametrize("name, kind", [("lcm", "full"), ("lcm", "lora"), ("pcm", "lora"), ("tdd", "full")])
+def test_only_the_student_trains_and_the_teacher_is_unchanged(tiny_sd, tmp_path, name, kind, one_thread):
     extra = ["student.kind=lora", "student.lora_rank=4"] if kind == "lora" else []
-    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", *extra))
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", f"objective={{name: {name}}}", *extra))
     obj = trainer.objective
     assert [(p.name, p.modules) for p in trainer.phases] == [("student", ["student"])]
     base = {k: p.detach().clone() for k, p in trainer.teacher.backbone.denoiser.named_parameters() if "lora" not in k}

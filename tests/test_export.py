@@ -45,7 +45,6 @@ CASES = [
     ("dmd2", "full", FOUR, 1.0, ["data.images=digits", "objective={name: dmd2, student_every: 1}"]),
     ("dmd2", "lora", [1.0], 1.0, ["data.images=digits", "objective={name: dmd2, student_every: 1}"]),
     ("lcm", "lora", LCM4, 1.0, ["data.images=digits", "objective={name: lcm}"]),
-    ("lcm", "full", [1.0], 1.0, ["data.images=digits", "objective={name: lcm}"]),
     # LCM's guidance embedding: StableDiffusionPipeline embeds guidance_scale instead of running CFG
     ("lcm", "full", LCM4, 3.0, ["data.images=digits", "objective={name: lcm}", "student.guidance_embedding_dim=32"]),
     # TCDScheduler: PCM's deterministic DDIM over its phase tops (no original_inference_steps gives them:
