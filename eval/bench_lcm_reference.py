@@ -7,8 +7,8 @@
 train_lcm_distill_lora_sd_wds.py`` (SD1.5 LCM-LoRA). It is not part of the diffusers package and is
 never copied into this repository; e.g. ``git clone https://github.com/huggingface/diffusers`` or
 ``git --git-dir=DIFFUSERS.git show HEAD:examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py``.
-The script needs ``webdataset`` and ``braceexpand`` (not diffdistill dependencies); the bench installs
-nothing and names what is missing.
+The script needs ``webdataset`` < 1 (its tar grouping breaks on 1.0.2) and ``braceexpand`` (not
+diffdistill dependencies: ``pip install -e .[bench]``); the bench installs nothing and names what is missing.
 
 What runs, on the CPU (``CUDA_VISIBLE_DEVICES=''``), ``--threads`` intra-op threads each, one after the other:
 
@@ -159,8 +159,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def missing_packages() -> list[str]:
-    """What the diffusers script imports that this environment lacks."""
-    return [name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None]
+    """What the diffusers script imports that this environment lacks, or has in a version it breaks on:
+    its own tar grouping (``group_by_keys_nothrow``) stops with ``KeyError: 'fname'`` after a few hundred
+    samples under webdataset 1.0.2 (measured); 0.2.86 runs it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    missing = [name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None]
+    try:
+        if "webdataset" not in missing and int(version("webdataset").split(".")[0]) >= 1:
+            missing.append("'webdataset<1'")
+    except (PackageNotFoundError, ValueError):
+        pass
+    return missing
 
 
 # -- the reference script --------------------------------------------------------------------------------
@@ -530,7 +540,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     missing = missing_packages()
     if missing:
-        print(f"diffusers' {SCRIPT_NAME} needs {', '.join(missing)}, missing here. Install with:\n"
+        print(f"diffusers' {SCRIPT_NAME} needs {', '.join(missing)}, missing (or too new) here. Install with:\n"
               f"    {sys.executable} -m pip install {' '.join(missing)}", file=sys.stderr)
         return 2
     info = check_script(args.diffusers_script)
