@@ -150,8 +150,8 @@ def read_lora_file(path: str | Path, prefix: str = "unet") -> tuple[dict, dict |
     except Exception as err:  # safetensors raises its own error types for truncated or garbled files
         raise LoraFileError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
     tensors = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    wrapped = "base_model.model."  # peft's PeftModel naming, as diffusers' LCM-LoRA example scripts save it
-    tensors = {k[len(wrapped):] if k.startswith(wrapped) else k: v for k, v in tensors.items()}
+    # peft's PeftModel naming, as diffusers' LCM-LoRA example scripts save it
+    tensors = {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
     if not any(".lora_" in k or ".lora." in k for k in tensors):
         raise LoraFileError(f"{path} holds no LoRA weights for {prefix!r} (keys '{prefix}.<module>.lora_A.weight')")
     config = None
@@ -178,7 +178,10 @@ def load_lora(model: nn.Module, name: str, path: str | Path, prefix: str = "unet
             raise LoraFileError(f"{path} has no rank metadata and mixed ranks {sorted(ranks)}")
         rank = ranks.pop()
         config = {"r": rank, "lora_alpha": rank, "target_modules": sorted({k.split(".lora_")[0] for k in tensors})}
-    _attach(model, name, LoraConfig(**config))
+    try:
+        _attach(model, name, LoraConfig(**config))
+    except ValueError as err:  # peft: no layer of this model matches the file's target modules
+        raise LoraFileError(f"{path} does not fit this model ({type(model).__name__}): {err}") from err
     result = set_peft_model_state_dict(model, tensors, adapter_name=name)
     unexpected = [k for k in result.unexpected_keys if ".lora_" in k]
     missing = [k for k in result.missing_keys if ".lora_" in k and f".{name}." in k]

@@ -273,6 +273,11 @@ def test_lora_round_trip_and_refused_files(tiny_lora, tmp_path):
     torch.save({"a": torch.zeros(1)}, pickled)
     with pytest.raises(LoraFileError, match=r"pytorch_lora_weights\.bin.*must be a \.safetensors"):
         lora.load_lora(t2.backbone.denoiser, "other", pickled)
+    foreign = tmp_path / "foreign.safetensors"  # a LoRA for layers this model does not have
+    save_file({"unet.no_such_block.lora_A.weight": torch.zeros(2, 4), "unet.no_such_block.lora_B.weight":
+               torch.zeros(4, 2)}, str(foreign))
+    with pytest.raises(LoraFileError, match=r"foreign\.safetensors does not fit this model.*no_such_block"):
+        lora.load_lora(t2.backbone.denoiser, "foreign", foreign)
     no_lora = tmp_path / "plain.safetensors"
     save_file({"unet.conv_in.weight": torch.zeros(2)}, str(no_lora))
     with pytest.raises(LoraFileError, match="holds no LoRA weights"):
