@@ -47,6 +47,13 @@ class Batch:
         """``(B, *shape)`` uniform in [0, 1)."""
         return torch.stack([torch.rand(shape, generator=g) for g in self.generators]).to(device)
 
+    def drop_captions(self, captions: Sequence[str], prob: float) -> list[str]:
+        """``captions``, each replaced by "" with probability ``prob`` (one draw per sample when ``prob > 0``)."""
+        if prob == 0:
+            return list(captions)
+        drop = self.rand() < prob
+        return ["" if d else c for d, c in zip(drop.tolist(), captions)]
+
     def randint(self, high: int, device=None) -> torch.Tensor:
         """``(B,)`` integers in ``[0, high)``."""
         return torch.cat([torch.randint(high, (1,), generator=g) for g in self.generators]).to(device)

@@ -16,14 +16,17 @@ def _sample(args) -> int:
 
     try:
         [model] = resolve_models(args.model, base=args.base, steps=args.steps, guidance=args.guidance)
-        sample = sampler(model)
+        if args.nasa_scale < 0:
+            raise ValueError(f"--nasa-scale must be >= 0, got {args.nasa_scale}")
+        sample = sampler(model, negative_prompt=args.negative_prompt, nasa_scale=args.nasa_scale)
     except (EvalInputError, ValueError, OSError) as err:
         print(f"diffdistill sample: {err}", file=sys.stderr)
         return 2
     _, steps, guidance = recipe(model)
     images = sample([args.prompt] * args.num_images, torch.Generator().manual_seed(args.seed))
     out = save_grid(images, args.out, upscale=args.upscale)
-    print(f"wrote {args.num_images} image(s) of {args.prompt!r} ({steps} step(s), guidance {guidance}) to {out}")
+    negative = "" if args.negative_prompt is None else f", negative prompt {args.negative_prompt!r}"
+    print(f"wrote {args.num_images} image(s) of {args.prompt!r} ({steps} step(s), guidance {guidance}{negative}) to {out}")
     return 0
 
 
@@ -100,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None,
                    help="teachers: CFG scale, diffusers convention (1 = none; default 7.5)")
     p.add_argument("--base", default=None, help="LoRA students: the base pipeline (default: the one recorded)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="teachers: the CFG negative prompt; students: steered away from through cross-attention "
+                   "(SNOOPI's NASA)")
+    p.add_argument("--nasa-scale", type=float, default=0.1,
+                   help="students with --negative-prompt: NASA's weight alpha (SNOOPI: 0.1 SD1.5, 0.2 SD2.1)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the saved PNG")

@@ -126,14 +126,18 @@ def sample_student(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond,
 @torch.no_grad()
 def generate(teacher, prompts: Sequence[str], *, num_steps: int = 25, guidance: float = 7.5,
              generator: torch.Generator | None = None, solver: str = "euler", ts=None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, negative_prompt: str | None = None) -> torch.Tensor:
     """Text -> images in ``[0, 1]`` ``(B, 3, H, W)`` with the teacher's own DDIM grid (or ``ts``):
-    the same result as ``StableDiffusionPipeline`` with a ``DDIMScheduler`` at the same seed."""
+    the same result as ``StableDiffusionPipeline`` with a ``DDIMScheduler`` at the same seed (and the
+    same ``negative_prompt``, which takes the empty prompt's place in CFG)."""
     from .pipeline import sampling_grid
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     cond = teacher.encode_prompt(prompts)
-    uncond = teacher.empty_cond(len(prompts)) if guidance != 1.0 else None
+    uncond = None
+    if guidance != 1.0:
+        uncond = teacher.empty_cond(len(prompts)) if negative_prompt is None else \
+            teacher.encode_prompt([negative_prompt] * len(prompts))
     shape = (len(prompts), *teacher.latent_shape)
     noise = torch.randn(shape, generator=generator, device=teacher.device, dtype=teacher.dtype)
     ts = sampling_grid(teacher, num_steps) if ts is None else ts

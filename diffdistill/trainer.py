@@ -99,7 +99,7 @@ class Trainer:
             params = [p for m in phase.modules for p in self.groups[m].values()]
             # prepared by accelerate: with fp16 its optimizer wrapper runs the gradient scaler
             tc = self.cfg.train
-            opt = self.acc.prepare_optimizer(torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.adam_betas),
+            opt = self.acc.prepare_optimizer(torch.optim.AdamW(params, lr=phase.lr or tc.lr, betas=tuple(tc.adam_betas),
                                                                eps=tc.adam_eps, weight_decay=tc.weight_decay))
             self.optimizers[phase.name] = opt
             self.schedulers[phase.name] = self._lr_scheduler(opt.optimizer, phase)

@@ -1,5 +1,7 @@
 """Configs: typed sections, overrides, and errors that name the dotted key before any model loads."""
 
+from pathlib import Path
+
 import pytest
 
 from diffdistill.config import ConfigError, dump_config, load_config
@@ -62,3 +64,14 @@ def test_missing_teacher_fails_before_loading_models(tmp_path, monkeypatch):
     with pytest.raises(pipeline.TeacherLoadError, match="does not exist"):
         Trainer(cfg)
     assert not calls and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_shipped_config_loads(monkeypatch):
+    """Each YAML under configs/ parses and validates (names, types, cross-section checks) as shipped."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # their relative paths (prompt files) are from the repository root
+    paths = sorted((root / "configs").rglob("*.yaml"))
+    assert len(paths) >= 12
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.train.output_dir.startswith("runs/"), path

@@ -23,7 +23,7 @@ def test_dmd_gradient_and_surrogate():
     expected = (fake - real).double() / (x - real).double().abs().mean(dim=(1, 2, 3), keepdim=True)
     assert torch.allclose(grad, expected)
     x.requires_grad_(True)
-    fn.dmd_loss(x, grad).backward()
+    fn.score_surrogate_loss(x, grad).backward()
     assert torch.allclose(x.grad.double(), grad / x.numel(), atol=1e-7)  # descent moves x along -grad
     # one descent step moves x towards the real denoiser's prediction relative to the fake one
     step = x.detach() - 0.1 * grad.float()

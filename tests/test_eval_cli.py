@@ -104,6 +104,43 @@ def test_sample_an_exported_student(run, tmp_path):
     assert Image.open(out).size[1] == 32 + 2 * 2
 
 
+def test_sample_a_student_with_a_negative_prompt(run, tmp_path):
+    """NASA steers the one-step student (different pixels at the same seed); bad weights are refused."""
+    import numpy as np
+    from PIL import Image
+
+    args = ["sample", str(run / "final"), "a handwritten digit 4", "--num-images", "2"]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b.png"), "--negative-prompt", "a handwritten digit 9",
+                 "--nasa-scale", "0.5"]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float64) for n in "ab")
+    assert np.abs(a - b).mean() > 0.5
+    assert main([*args, "--out", str(tmp_path / "c.png"), "--negative-prompt", "x", "--nasa-scale", "-1"]) == 2
+
+
+def test_nasa_digits_script(run, tmp_path):
+    """eval/nasa_digits.py: confusion = the closest other class; paired rows per weight; json + grid."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "nasa_digits.py"
+    spec = importlib.util.spec_from_file_location("nasa_digits", path)
+    nasa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nasa)
+    sims = torch.tensor([[0.9, 0.5, 0.7], [0.8, 0.9, 0.1], [0.1, 0.6, 0.9], [0.9, 0.2, 0.8]])
+    assert nasa.confusions(sims, torch.tensor([0, 1, 2, 0])) == [2, 0, 1]
+    out = tmp_path / "nasa"
+    assert nasa.main([str(run / "final"), "--scales", "0.5", "--n-per-digit", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "nasa.json").read_text())
+    assert [r["scale"] for r in result["rows"]] == [0.0, 0.5] and (out / "grid.png").is_file()
+    assert all(c != d for d, c in enumerate(result["confusion"]))
+    assert result["negative_prompts"]["3"] == f"a handwritten digit {result['confusion'][3]}"
+    assert 0.0 <= result["rows"][1]["concept_lower_share"] <= 1.0
+    assert nasa.main([str(run / "final"), "--scales", "0"]) == 2
+
+
 def test_demo_end_to_end_small(tmp_path, capsys, one_thread):
     from diffdistill.demo import run_demo
 

@@ -33,6 +33,15 @@ def test_teacher_sampler_reproduces_stock_pipeline(request, fixture, native, ste
     assert (ours - ref).abs().max() < 1e-4
 
 
+def test_negative_prompt_matches_stock_pipeline(tiny_sd, tiny_teacher):
+    ours = generate(tiny_teacher, TINY_PROMPTS, num_steps=4, guidance=3.0, negative_prompt="a digit 7",
+                    generator=torch.Generator().manual_seed(1))
+    ref = _stock(tiny_sd)(TINY_PROMPTS, negative_prompt=["a digit 7"] * 2, generator=torch.Generator().manual_seed(1),
+                          output_type="pt", num_inference_steps=4, guidance_scale=3.0).images
+    plain = generate(tiny_teacher, TINY_PROMPTS, num_steps=4, guidance=3.0, generator=torch.Generator().manual_seed(1))
+    assert (ours - ref).abs().max() < 1e-4 and (ours - plain).abs().max() > 1e-3
+
+
 def test_latents_match_stock_pipeline(tiny_sd, tiny_teacher):
     pipe = _stock(tiny_sd)
     ref = pipe(TINY_PROMPTS, num_inference_steps=8, guidance_scale=5.0, generator=torch.Generator().manual_seed(3),

@@ -73,7 +73,8 @@ def _losses(run):
 
 RESUME_CASES = {"regression": [], "two_phase_test": ["objective={name: two_phase_test, critic_every: 2}"],
                 "dmd2": ["objective={name: dmd2, student_every: 3}", "data.images=digits", "student.timesteps=[1.0]"],
-                "lcm": ["objective={name: lcm}", "data.images=digits"]}  # full student: its EMA target is resumed too
+                "lcm": ["objective={name: lcm}", "data.images=digits"],  # full student: its EMA target is resumed too
+                "snoopi": ["objective={name: snoopi, fake_lora_rank: 4, fake_lr: 2.0e-3}", "student.timesteps=[1.0]"]}
 
 
 @pytest.mark.parametrize("objective", list(RESUME_CASES))
@@ -94,6 +95,9 @@ def test_resume_is_bitwise_identical(tiny_sd, tmp_path, two_phase, objective):
         assert phases.count("critic") == 3 and phases.count("student") == 6  # update ratio 1:2
     if objective == "lcm":
         assert any(k.startswith("objective.target.") for k in a)
+    if objective == "snoopi":  # the LoRA teacher's phase runs at its own learning rate
+        assert {r["phase"]: r["lr"] for r in _losses(tmp_path / "b")} == {"student": 1e-3, "fake_score": 2e-3}
+        assert resumed.optimizers["fake_score"].param_groups[0]["lr"] == 2e-3
     if objective == "dmd2":
         assert phases.count("student") == 2 and phases.count("fake_score") == 6  # student every 3rd step
 

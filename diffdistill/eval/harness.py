@@ -129,8 +129,14 @@ def recipe(model: Model, protocol: str | None = None) -> tuple[list[float] | Non
     return None, model.steps or steps, model.guidance if model.guidance is not None else guidance
 
 
-def sampler(model: Model, protocol: str | None = None):
-    """``sample(prompts, generator) -> images (B, 3, H, W) in [0, 1]`` with the model's recipe."""
+def sampler(model: Model, protocol: str | None = None, *, negative_prompt: str | None = None,
+            nasa_scale: float = 0.1):
+    """``sample(prompts, generator) -> images (B, 3, H, W) in [0, 1]`` with the model's recipe. A
+    ``negative_prompt`` replaces the empty prompt of a teacher's CFG, and steers a student through its
+    cross-attention with SNOOPI's NASA at weight ``nasa_scale`` (``diffdistill/nasa.py``)."""
+    import contextlib
+
+    from ..nasa import negative_away_attention
     from ..sampling import generate
 
     teacher, student = model.load()
@@ -139,10 +145,14 @@ def sampler(model: Model, protocol: str | None = None):
     @torch.no_grad()
     def sample(prompts, generator):
         if student is None:
-            return generate(teacher, list(prompts), num_steps=steps, guidance=guidance, generator=generator)
+            return generate(teacher, list(prompts), num_steps=steps, guidance=guidance, generator=generator,
+                            negative_prompt=negative_prompt)
         noise = torch.randn((len(prompts), *teacher.latent_shape), generator=generator).to(teacher.device, teacher.dtype)
         uncond = teacher.empty_cond(len(prompts)) if student.cfg_scale != 1.0 else None
-        latents = student.generate(noise, teacher.encode_prompt(list(prompts)), uncond, generator=generator)
+        steer = contextlib.nullcontext() if negative_prompt is None else negative_away_attention(
+            student.backbone.denoiser, teacher.encode_prompt([negative_prompt]).embeds, nasa_scale)
+        with steer:
+            latents = student.generate(noise, teacher.encode_prompt(list(prompts)), uncond, generator=generator)
         return (teacher.decode_latents(latents) / 2 + 0.5).clamp(0, 1)
 
     return sample

@@ -17,6 +17,7 @@ class Phase:
     name: str            # "student" | "fake_score" | "disc"
     modules: list[str]   # names of what this phase trains (keys of Objective.trainable)
     every: int = 1       # update ratio: this phase runs on steps where step % every == 0
+    lr: float | None = None  # this phase's learning rate; None: ``train.lr``
 
 
 @dataclass

@@ -182,10 +182,7 @@ class ConsistencyDistillation(Objective):
     # -- the loss ----------------------------------------------------------------------------------
     def captions(self, batch: Batch) -> list[str]:
         """The batch's captions, each replaced by "" with probability ``empty_prompt_prob``."""
-        if self.cfg.empty_prompt_prob == 0:
-            return list(batch.image_captions)
-        drop = batch.rand() < self.cfg.empty_prompt_prob
-        return ["" if d else c for d, c in zip(drop.tolist(), batch.image_captions)]
+        return batch.drop_captions(batch.image_captions, self.cfg.empty_prompt_prob)
 
     def loss(self, phase: str, batch: Batch, step: int) -> LossOut:
         if phase != "student":

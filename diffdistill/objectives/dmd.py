@@ -4,7 +4,8 @@ Image Synthesis", NeurIPS 2024). Numerical reference: the authors' code (tianwei
 
 Networks: the student G; the real score = the frozen teacher with CFG ``real_guidance``; the fake score
 = a copy of the teacher (full students) or adapter ``fake_score`` on the shared frozen base (LoRA
-students), trained online on G's samples; for DMD2 a classification head on the fake score's bottleneck.
+students; ``objective.fake_score`` chooses otherwise, see score_distillation.py), trained online on G's
+samples; for DMD2 a classification head on the fake score's bottleneck.
 
 Phases (the trainer runs them in this order; DMD2's two-time-scale rule is ``student_every``):
 
@@ -36,25 +37,22 @@ zeroes non-finite DM gradients, ours leaves them: the trainer's guard skips and 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ..backbone import DiffusionBackbone
 from ..config import ConfigError, _check
 from ..nets import DiscriminatorHead
 from ..student import Student
 from . import functional as fn
-from .base import Batch, LossOut, Objective, ObjectiveConfig, Phase
+from .base import Batch, LossOut, Phase
 from .regression import Regression, RegressionConfig
-
-FAKE_ADAPTER = "fake_score"
+from .score_distillation import ScoreDistillation, ScoreDistillationConfig
 
 
 @dataclass
-class DMD2Config(ObjectiveConfig):
+class DMD2Config(ScoreDistillationConfig):
     name: ClassVar[str] = "dmd2"
     real_guidance: float = 1.75      # teacher CFG for the real score, diffusers convention
     student_every: int = 10          # two-time-scale update rule: fake score every step, student every N
@@ -69,6 +67,7 @@ class DMD2Config(ObjectiveConfig):
     num_pairs: int = 0
 
     def validate(self, p: str) -> None:
+        super().validate(p)
         _check(self.real_guidance >= 1.0, f"{p}.real_guidance", f"is a diffusers CFG scale (>= 1), got {self.real_guidance}")
         _check(self.student_every >= 1, f"{p}.student_every", f"must be >= 1, got {self.student_every}")
         _check(0.0 <= self.min_t < self.max_t <= 1.0, f"{p}.min_t",
@@ -99,24 +98,11 @@ class DMDConfig(DMD2Config):
     num_pairs: int = 1000
 
 
-class DMD2(Objective):
+class DMD2(ScoreDistillation):
     Config = DMD2Config
 
     def __init__(self, cfg: DMD2Config, teacher, student: Student, prompt_pool: list[str]):
-        super().__init__()
-        self.cfg, self.teacher, self.student = cfg, teacher, student
-        if student.adapter is None:  # full student: the fake score is a trainable copy of the teacher
-            tb = teacher.backbone
-            denoiser = copy.deepcopy(tb.denoiser).requires_grad_(True).train()
-            self.fake = Student(DiffusionBackbone(denoiser, tb.schedule, tb.pred_type), None, [1.0])
-        else:  # shared base: one more adapter on the teacher's own frozen network
-            from .. import lora
-
-            base = student.backbone.denoiser
-            rank = base.peft_config[student.adapter].r
-            lora.add_lora(base, FAKE_ADAPTER, rank, base.peft_config[student.adapter].lora_alpha,
-                          base.peft_config[student.adapter].target_modules)
-            self.fake = Student(student.backbone, FAKE_ADAPTER, [1.0])
+        super().__init__(cfg, teacher, student)
         self.disc = DiscriminatorHead(*self._bottleneck()) if self.gan else None
         self.regression = None
         if cfg.regression_weight > 0:
@@ -136,11 +122,10 @@ class DMD2(Objective):
 
     def phases(self) -> list[Phase]:
         fake = ["fake_score", "disc"] if self.gan else ["fake_score"]
-        return [Phase("student", ["student"], every=self.cfg.student_every), Phase("fake_score", fake)]
+        return [Phase("student", ["student"], every=self.cfg.student_every), Phase("fake_score", fake, lr=self.cfg.fake_lr)]
 
     def trainable(self) -> dict[str, dict[str, torch.nn.Parameter]]:
-        groups = {"student": self.student.named_parameters_to_train(),
-                  "fake_score": self.fake.named_parameters_to_train()}
+        groups = super().trainable()
         if self.gan:
             groups["disc"] = dict(self.disc.named_parameters())
         return groups
@@ -150,27 +135,9 @@ class DMD2(Objective):
             self.regression.prepare(run_dir, device)
 
     # -- pieces ---------------------------------------------------------------------------------------
-    def generate(self, batch: Batch, cond, grad: bool) -> torch.Tensor:
-        """The student's sample ``x0`` for this batch. Multi-step students: backward simulation -- the
-        input at step ``k`` (drawn once per batch) comes from the student's own first ``k`` steps."""
-        ts, t = self.student.timesteps, self.teacher
-        x = batch.randn(*t.latent_shape, device=t.device, dtype=t.dtype)
-        k = int(torch.randint(len(ts), (1,), generator=batch.shared)) if len(ts) > 1 else 0
-        with torch.no_grad():
-            for i in range(k):
-                x0 = self.student(x, ts[i], cond, out="x0")
-                x = self.student.backbone.schedule.add_noise(x0, batch.randn(*t.latent_shape).to(x0), ts[i + 1])
-        with torch.set_grad_enabled(grad):
-            return self.student(x, ts[k], cond, out="x0")
-
-    def _noised(self, batch: Batch, x: torch.Tensor, lo: float, hi: float):
-        t = (lo + (hi - lo) * batch.rand()).double().to(x.device)
-        eps = batch.randn(*x.shape[1:]).to(x)
-        return self.teacher.backbone.schedule.add_noise(x, eps, t), t, eps
-
     def logits(self, x: torch.Tensor, cond, batch: Batch) -> torch.Tensor:
         """The head's realism logits for latents ``x`` (noised at ``t ~ U[0, gan_max_t)``)."""
-        x_t, t, _ = self._noised(batch, x, 0.0, self.cfg.gan_max_t)
+        x_t, t, _ = self.noised(batch, x, 0.0, self.cfg.gan_max_t)
         with self.fake.backbone.adapter(self.fake.adapter):
             mid = self.fake.backbone.features(x_t, t, cond, levels=("mid",))["mid"]
         return self.disc(mid)
@@ -187,13 +154,13 @@ class DMD2(Objective):
     def _student_loss(self, batch: Batch, cond, step: int) -> LossOut:
         c = self.cfg
         x = self.generate(batch, cond, grad=True)  # (B, C, H, W) latents
-        x_t, t, _ = self._noised(batch, x.detach(), c.min_t, c.max_t)
+        x_t, t, _ = self.noised(batch, x.detach(), c.min_t, c.max_t)
         with torch.no_grad():
             with self.teacher.backbone.adapter(None):
                 x0_real = self.teacher.backbone.cfg(x_t, t, cond, self.teacher.empty_cond(len(batch)), c.real_guidance)
             x0_fake = self.fake(x_t, t, cond, out="x0")
             grad = fn.dmd_gradient(x.detach(), x0_real, x0_fake)
-        dm = fn.dmd_loss(x, grad)
+        dm = fn.score_surrogate_loss(x, grad)
         total, terms = dm, {"dm_loss": dm.detach(), "dm_grad_norm": grad.float().flatten(1).norm(dim=1).mean().detach()}
         if c.gan_weight > 0:
             gen = fn.gan_generator_loss(self.logits(x, cond, batch))

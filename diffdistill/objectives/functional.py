@@ -2,7 +2,9 @@
 
 Distribution matching (Yin et al., "One-step Diffusion with Distribution Matching Distillation",
 CVPR 2024 -- DMD -- and "Improved Distribution Matching Distillation for Fast Image Synthesis",
-NeurIPS 2024 -- DMD2) and the non-saturating GAN losses (Goodfellow et al. 2014) DMD2 adds.
+NeurIPS 2024 -- DMD2) and the non-saturating GAN losses (Goodfellow et al. 2014) DMD2 adds; variational
+score distillation (Wang et al., "ProlificDreamer", NeurIPS 2023; SwiftBrush, Nguyen & Tran, CVPR 2024);
+consistency distillation (LCM, PCM, TDD).
 """
 
 from __future__ import annotations
@@ -24,14 +26,29 @@ def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) 
     return (p_real - p_fake) / p_real.abs().mean(dim=dims, keepdim=True)
 
 
-def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def score_surrogate_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The surrogate whose gradient w.r.t. ``x`` is ``grad / x.numel()``: ``0.5 * mean((x - sg(x - grad))^2)``."""
     return 0.5 * F.mse_loss(x.float(), (x.detach().double() - grad.detach()).float())
 
 
-def denoising_loss(pred_eps: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """The fake score's denoising score matching loss (DMD eq. 6), in epsilon space as in DMD2's code."""
-    return F.mse_loss(pred_eps.float(), eps.float())
+def vsd_gradient(eps_real: torch.Tensor, eps_fake: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """The variational score distillation gradient on the generator output (ProlificDreamer eq. 9, SwiftBrush
+    eq. 5): ``w(t) (eps_real - eps_fake)``, the pretrained (guided) minus the fake score's noise prediction
+    at the noised output, weighted per sample by ``w(t) = sigma_t^2 = 1 - alpha_bar_t`` (``sigma2``, ``(B,)``)
+    as both papers' code does; no further normalisation. In x0 terms this is
+    ``sigma_t^2 alpha_t / sigma_t (x0_fake - x0_real)``: DMD's direction under another weighting. float64."""
+    w = sigma2.double().reshape(-1, *([1] * (eps_real.ndim - 1)))
+    return w * (eps_real.double() - eps_fake.double())
+
+
+def denoising_loss(pred_eps: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The fake score's denoising score matching loss (DMD eq. 6), in epsilon space as in DMD2's code:
+    ``mean((pred_eps - eps)^2)``, each sample's squared error times ``weight`` ``(B,)`` when given
+    (SwiftBrush's LoRA teacher: ``alpha_bar_t``, its code's ``mse(sqrt(a) pred, sqrt(a) eps)``)."""
+    if weight is None:
+        return F.mse_loss(pred_eps.float(), eps.float())
+    sq = (pred_eps.float() - eps.float()).pow(2)
+    return (weight.float().reshape(-1, *([1] * (sq.ndim - 1))) * sq).mean()
 
 
 def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""What the score-distillation objectives share -- DMD / DMD2 (``dmd.py``) and SwiftBrush / SNOOPI's
+variational score distillation (``vsd.py``): a *fake score*, a denoiser trained online on the student's
+samples, and student samples drawn as at inference (backward simulation for multi-step students).
+
+The fake score is either a trainable copy of the teacher's denoiser or a LoRA adapter ``fake_score`` on
+the teacher's own frozen network (the teacher is then that network with adapters off). ``fake_score``:
+``auto`` (a copy for full students, an adapter on the shared base for LoRA students -- DMD2's choice),
+``lora`` (an adapter for either kind: SwiftBrush's "LoRA teacher"), ``full`` (a copy for either kind).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from .. import lora
+from ..backbone import DiffusionBackbone
+from ..config import _check
+from ..student import Student
+from .base import Batch, Objective, ObjectiveConfig
+
+FAKE_ADAPTER = "fake_score"
+
+
+@dataclass
+class ScoreDistillationConfig(ObjectiveConfig):
+    fake_score: str = "auto"                 # auto | lora | full (module docstring)
+    fake_lora_rank: int | None = None        # adapter fake score: rank (None: the student's, or 64 for full students)
+    fake_lora_alpha: float | None = None     # None: the LoRA student's alpha, else = rank
+    fake_lora_targets: list[str] | None = None  # None: the LoRA student's targets, else lora.DEFAULT_TARGETS
+    fake_lr: float | None = None             # the fake-score phase's learning rate (None: train.lr)
+
+    def validate(self, p: str) -> None:
+        _check(self.fake_score in ("auto", "lora", "full"), f"{p}.fake_score",
+               f"must be auto, lora or full, got {self.fake_score!r}")
+        _check(self.fake_lora_rank is None or self.fake_lora_rank > 0, f"{p}.fake_lora_rank",
+               f"must be positive, got {self.fake_lora_rank}")
+        _check(self.fake_lr is None or self.fake_lr > 0, f"{p}.fake_lr", f"must be positive, got {self.fake_lr}")
+
+
+def build_fake_score(cfg: ScoreDistillationConfig, teacher, student: Student) -> Student:
+    """The fake score network as a :class:`Student` (run it with ``fake(x_t, t, cond, out=...)``)."""
+    tb = teacher.backbone
+    use_adapter = cfg.fake_score == "lora" or (cfg.fake_score == "auto" and student.adapter is not None)
+    if not use_adapter:
+        denoiser = copy.deepcopy(tb.denoiser)
+        if lora.adapter_names(denoiser):  # a LoRA student's adapter rides on the teacher's network: not in the copy
+            denoiser.unload_lora()
+        denoiser.requires_grad_(True).train()
+        return Student(DiffusionBackbone(denoiser, tb.schedule, tb.pred_type), None, [1.0])
+    base = tb.denoiser  # the teacher's frozen network, shared with a LoRA student
+    own = base.peft_config[student.adapter] if student.adapter is not None else None
+    rank = cfg.fake_lora_rank or (own.r if own is not None else 64)
+    alpha = cfg.fake_lora_alpha if cfg.fake_lora_alpha is not None else (own.lora_alpha if own is not None else rank)
+    targets = cfg.fake_lora_targets or (sorted(own.target_modules) if own is not None else lora.DEFAULT_TARGETS)
+    lora.add_lora(base, FAKE_ADAPTER, rank, alpha, targets)
+    return Student(tb, FAKE_ADAPTER, [1.0])
+
+
+class ScoreDistillation(Objective):
+    """Base of DMD2 and VSD: ``self.fake`` (the fake score), :meth:`generate` and :meth:`noised`."""
+
+    def __init__(self, cfg: ScoreDistillationConfig, teacher, student: Student):
+        super().__init__()
+        self.cfg, self.teacher, self.student = cfg, teacher, student
+        self.fake = build_fake_score(cfg, teacher, student)
+
+    def trainable(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        return {"student": self.student.named_parameters_to_train(),
+                "fake_score": self.fake.named_parameters_to_train()}
+
+    def generate(self, batch: Batch, cond, grad: bool) -> torch.Tensor:
+        """The student's sample ``x0`` for this batch. Multi-step students: backward simulation -- the
+        input at step ``k`` (drawn once per batch) comes from the student's own first ``k`` steps."""
+        ts, t = self.student.timesteps, self.teacher
+        x = batch.randn(*t.latent_shape, device=t.device, dtype=t.dtype)
+        k = int(torch.randint(len(ts), (1,), generator=batch.shared)) if len(ts) > 1 else 0
+        with torch.no_grad():
+            for i in range(k):
+                x0 = self.student(x, ts[i], cond, out="x0")
+                x = self.student.backbone.schedule.add_noise(x0, batch.randn(*t.latent_shape).to(x0), ts[i + 1])
+        with torch.set_grad_enabled(grad):
+            return self.student(x, ts[k], cond, out="x0")
+
+    def noised(self, batch: Batch, x: torch.Tensor, lo: float, hi: float):
+        """``(x_t, t, eps)``: ``x`` noised at ``t ~ U[lo, hi)`` per sample."""
+        t = (lo + (hi - lo) * batch.rand()).double().to(x.device)
+        eps = batch.randn(*x.shape[1:]).to(x)
+        return self.teacher.backbone.schedule.add_noise(x, eps, t), t, eps
