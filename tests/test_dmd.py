@@ -116,3 +116,69 @@ def test_dmd_configs_are_checked(tiny_sd, tmp_path):
         load_config(TINY, ["objective={name: dmd2, student_every: 0}", "data.images=digits"])
     cfg = load_config(TINY, ["objective={name: dmd}"])  # DMD: regression + DM, no GAN, 1:1 updates
     assert cfg.objective.regression_weight == 0.25 and cfg.objective.gan_weight == 0 and cfg.objective.student_every == 1
+
+
+# -- DP-DMD ---------------------------------------------------------------------------------------------
+def test_ddim_secant_target_lands_on_the_anchor():
+    g = torch.Generator().manual_seed(0)
+    noise, z = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    a0, s0 = torch.tensor([0.07, 0.07, 0.07]), torch.tensor([0.9975, 0.9975, 0.9975])
+    ak, sk = torch.tensor([0.3, 0.5, 0.8]), torch.tensor([0.954, 0.866, 0.6])
+    x0 = fn.ddim_secant_x0(noise, a0, s0, z, ak, sk)
+    eps = (noise.double() - a0.view(-1, 1, 1, 1) * x0) / s0.view(-1, 1, 1, 1)  # DDIM keeps this eps ...
+    landed = ak.view(-1, 1, 1, 1) * x0 + sk.view(-1, 1, 1, 1) * eps  # ... and moves to (a_k, s_k)
+    assert torch.allclose(landed, z.double(), atol=1e-10)
+
+
+def _dpdmd(tiny_sd, run, *extra):
+    return Trainer(load_config(TINY, [f"teacher.path={tiny_sd}", f"train.output_dir={run}",
+                                      "objective={name: dpdmd, anchor_steps: 2, anchor_grid: 4, student_every: 2}",
+                                      "student.timesteps=[1.0, 0.75, 0.5, 0.25]", "student.gamma=0.0", *extra]))
+
+
+def test_dpdmd_rollout_is_the_sampler_and_stops_dmd_at_the_first_step(tiny_sd, tmp_path, one_thread):
+    from diffdistill.batch import micro_batch
+    from diffdistill.pipeline import sampling_grid
+    from diffdistill.sampling import sample_ode
+
+    trainer = _dpdmd(tiny_sd, tmp_path / "r")
+    obj, teacher = trainer.objective, trainer.teacher
+    assert [(p.name, p.modules, p.every) for p in trainer.phases] == [("student", ["student"], 2),
+                                                                      ("fake_score", ["fake_score"], 1)]
+    batch = micro_batch(trainer.prompts, 2, 0, 0)
+    cond = teacher.encode_prompt(batch.prompts)
+    noise = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(5))
+    first, final = obj.rollout(batch, cond, grad=True, noise=noise)
+    with torch.no_grad():  # the same arithmetic as the deterministic sampler the export ships (gamma 0)
+        assert torch.allclose(final, trainer.student.generate(noise, cond), atol=1e-5)
+    # no path from the first step's prediction to the final sample: DMD never trains the first step
+    assert torch.autograd.grad(final.sum(), first, allow_unused=True)[0] is None
+    assert first.requires_grad and final.requires_grad
+    # the anchor: the teacher's guided ODE from the same noise, 2 steps of its 4-step grid
+    grid = sampling_grid(teacher, 4)[:3]
+    z = sample_ode(teacher.backbone, noise, cond, grid, uncond=teacher.empty_cond(2), guidance=3.5)
+    target = obj.anchor_target(noise, cond)
+    sched = teacher.backbone.schedule
+    eps = (noise - sched.alpha(1.0) * target) / sched.sigma(1.0)
+    assert torch.allclose(sched.alpha(grid[-1]) * target + sched.sigma(grid[-1]) * eps, z, atol=1e-4)
+    # the student phase: DM on the final output + the first step's target loss; only the student learns
+    out = obj.loss("student", batch, 0)
+    assert {"dm_loss", "diversity_mse"} <= out.terms.keys() and torch.isfinite(out.total)
+    trainer._activate(trainer.phases[0])
+    out.total.backward()
+    assert all(p.grad is None for p in trainer.groups["fake_score"].values())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.groups["student"].values())
+    trainer.run()
+
+
+def test_dpdmd_configs_are_checked(tiny_sd, tmp_path):
+    base = ["objective={name: dpdmd}", "student.timesteps=[1.0, 0.5]"]
+    with pytest.raises(ConfigError, match="student.gamma"):
+        load_config(TINY, base)
+    with pytest.raises(ConfigError, match="student.timesteps"):
+        load_config(TINY, ["objective={name: dpdmd}", "student.timesteps=[1.0]", "student.gamma=0"])
+    with pytest.raises(ConfigError, match="objective.anchor_steps"):
+        load_config(TINY, ["objective={name: dpdmd, anchor_steps: 30}", "student.timesteps=[1.0, 0.5]", "student.gamma=0"])
+    o = load_config(TINY, [*base, "student.gamma=0"]).objective  # the authors' code: no GAN, 5:1, 0.05, anchor 10/30
+    assert (o.gan_weight, o.disc_weight, o.student_every, o.diversity_weight, o.anchor_steps, o.anchor_grid,
+            o.real_guidance) == (0.0, 0.0, 5, 0.05, 10, 30, 3.5)

@@ -2,11 +2,11 @@
 
 from .base import Batch, LossOut, Objective, ObjectiveConfig, Phase
 from .consistency import LCM, PCM, TDD
-from .dmd import DMD, DMD2
+from .dmd import DMD, DMD2, DPDMD
 from .regression import Regression
 from .vsd import SNOOPI, VSD
 
-OBJECTIVES = {"regression": Regression, "dmd": DMD, "dmd2": DMD2, "lcm": LCM, "pcm": PCM, "tdd": TDD,
+OBJECTIVES = {"regression": Regression, "dmd": DMD, "dmd2": DMD2, "dpdmd": DPDMD, "lcm": LCM, "pcm": PCM, "tdd": TDD,
               "swiftbrush": VSD, "snoopi": SNOOPI}
 
-__all__ = ["DMD", "DMD2", "LCM", "OBJECTIVES", "PCM", "SNOOPI", "TDD", "VSD", "Batch", "LossOut", "Objective", "ObjectiveConfig", "Phase", "Regression"]
+__all__ = ["DMD", "DMD2", "DPDMD", "LCM", "OBJECTIVES", "PCM", "SNOOPI", "TDD", "VSD", "Batch", "LossOut", "Objective", "ObjectiveConfig", "Phase", "Regression"]

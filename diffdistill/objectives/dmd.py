@@ -1,6 +1,7 @@
 """Distribution matching distillation: DMD (Yin et al., "One-step Diffusion with Distribution Matching
-Distillation", CVPR 2024) and DMD2 (Yin et al., "Improved Distribution Matching Distillation for Fast
-Image Synthesis", NeurIPS 2024). Numerical reference: the authors' code (tianweiy/DMD2).
+Distillation", CVPR 2024), DMD2 (Yin et al., "Improved Distribution Matching Distillation for Fast
+Image Synthesis", NeurIPS 2024) and DP-DMD (Wu et al. 2026, :class:`DPDMD`). Numerical reference: the
+authors' code (tianweiy/DMD2).
 
 Networks: the student G; the real score = the frozen teacher with CFG ``real_guidance``; the fake score
 = a copy of the teacher (full students) or adapter ``fake_score`` on the shared frozen base (LoRA
@@ -44,6 +45,7 @@ import torch
 
 from ..config import ConfigError, _check
 from ..nets import DiscriminatorHead
+from ..sampling import sample_ode
 from ..student import Student
 from . import functional as fn
 from .base import Batch, LossOut, Phase
@@ -152,8 +154,13 @@ class DMD2(ScoreDistillation):
         raise ValueError(f"{self.cfg.name} has phases 'student' and 'fake_score'; got {phase!r}")
 
     def _student_loss(self, batch: Batch, cond, step: int) -> LossOut:
-        c = self.cfg
         x = self.generate(batch, cond, grad=True)  # (B, C, H, W) latents
+        total, terms = self._dm_terms(batch, cond, x, step)
+        return LossOut(total, terms, images=x.detach())
+
+    def _dm_terms(self, batch: Batch, cond, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        """The student-phase loss on its sample ``x``: distribution matching (+ GAN, + regression)."""
+        c = self.cfg
         x_t, t, _ = self.noised(batch, x.detach(), c.min_t, c.max_t)
         with torch.no_grad():
             with self.teacher.backbone.adapter(None):
@@ -170,7 +177,7 @@ class DMD2(ScoreDistillation):
             reg = self.regression.loss("student", batch, step).total
             total = total + c.regression_weight * reg
             terms["regression_mse"] = reg.detach()
-        return LossOut(total, terms, images=x.detach())
+        return total, terms
 
     def _fake_loss(self, batch: Batch, cond) -> LossOut:
         x = self.generate(batch, cond, grad=False)
@@ -194,3 +201,103 @@ class DMD(DMD2):
     """DMD (v1): distribution matching + regression on teacher ODE pairs, fake score updated every step."""
 
     Config = DMDConfig
+
+
+@dataclass
+class DPDMDConfig(DMD2Config):
+    name: ClassVar[str] = "dpdmd"
+    real_guidance: float = 3.5       # the authors' SD3.5-M teacher CFG (anchor and real score)
+    student_every: int = 5           # 5 fake-score updates per student update (per_train_fake_num)
+    min_t: float = 0.001             # DM term over all training timesteps
+    max_t: float = 1.0
+    gan_weight: float = 0.0          # DP-DMD adds no GAN, LPIPS or other module
+    disc_weight: float = 0.0
+    diversity_weight: float = 0.05   # the first step's target-prediction loss
+    anchor_steps: int = 10           # teacher ODE steps from noise to the anchor ...
+    anchor_grid: int = 30            # ... on its DDIM grid of this many steps
+
+    def validate(self, p: str) -> None:
+        super().validate(p)
+        _check(self.diversity_weight >= 0, f"{p}.diversity_weight", f"must be >= 0, got {self.diversity_weight}")
+        _check(0 < self.anchor_steps < self.anchor_grid, f"{p}.anchor_steps",
+               f"need 0 < anchor_steps < anchor_grid, got {self.anchor_steps}, {self.anchor_grid}")
+
+    def validate_run(self, config) -> None:
+        if len(config.student.timesteps) < 2:
+            raise ConfigError("student.timesteps", f"{self.name} trains a multi-step student (its first step is the "
+                              f"diversity step); got {config.student.timesteps}")
+        if config.student.gamma != 0.0:
+            raise ConfigError("student.gamma", f"{self.name} trains the deterministic rollout the student samples "
+                              f"with: set student.gamma: 0, got {config.student.gamma}")
+        if config.student.guidance != 1.0:
+            raise ConfigError("student.guidance", f"{self.name} students sample without CFG; got {config.student.guidance}")
+        if (self.gan_weight > 0 or self.disc_weight > 0) and config.data.images is None:
+            raise ConfigError("data.images", f"objective {self.name!r} with a GAN term needs data.images")
+
+
+class DPDMD(DMD2):
+    """DP-DMD (Wu et al., "Diversity-Preserved Distribution Matching Distillation for Fast Visual Synthesis",
+    2026; numerical reference: the authors' SD3.5-M code, Multimedia-Analytics-Laboratory/dpdmd,
+    ``train_sd35_dpdmd.py``). A K-step student samples by deterministic DDIM (``student.gamma: 0``). Its
+    *first* step is trained to predict a target instead of by DMD: the teacher runs ``anchor_steps`` guided
+    DDIM steps of its ``anchor_grid``-step schedule from the same noise to an anchor ``z`` at ``t_k``; the
+    target is the clean prediction whose DDIM step from the noise passes through ``z``
+    (:func:`functional.ddim_secant_x0`, the VP form of the code's secant velocity ``(x1 - z) / (1 - sigma_k)``),
+    squared error x ``diversity_weight`` 0.05. The latent after the first step is detached -- no DMD
+    gradient reaches the first step -- and the student's own steps 2..K continue from it with gradients;
+    the DM gradient acts on the final output only (no backward simulation, no re-noising). The fake score
+    learns the no-grad K-step rollout's samples; 5 fake-score updates per student update; no GAN.
+
+    Deviations: the code is a flow model's (velocity MSE); here the loss is the clean-prediction MSE of the
+    same straight-path target, equal to the velocity MSE for a flow model; the teacher's anchor starts at
+    the first time of its own DDIM grid (SD's pipeline convention), the student at ``student.timesteps[0]``;
+    DMD's normaliser is DMD2's ``mean|x - x0_real|`` (the code: ``mean|x_t - x0_real|``).
+    """
+
+    Config = DPDMDConfig
+
+    def noise(self, batch: Batch) -> torch.Tensor:
+        t_ = self.teacher
+        return batch.randn(*t_.latent_shape, device=t_.device, dtype=t_.dtype)
+
+    def rollout(self, batch: Batch, cond, grad: bool, noise: torch.Tensor | None = None):
+        """``(first, final)``: the student's clean prediction at its first step, and its K-step sample from
+        ``noise`` (default: the batch's next draw) by deterministic DDIM (the sampler of ``student.gamma =
+        0``: the last step lands on timestep 0), detached after the first step."""
+        ts, sched = self.student.timesteps, self.student.backbone.schedule
+        x = self.noise(batch) if noise is None else noise
+        first = None
+        for i, t in enumerate(ts):
+            with torch.set_grad_enabled(grad):
+                x0 = self.student(x, t, cond, out="x0")
+                eps = sched.convert(x0, x, t, "x0", "eps")
+                t_next = sched.from_timestep(0.0) if i + 1 == len(ts) else torch.as_tensor(ts[i + 1], dtype=torch.float64)
+                x = sched.add_noise(x0, eps, sched.from_timestep(torch.floor(sched.to_timestep(t_next))))
+            if i == 0:
+                first, x = x0, x.detach()  # DMD's gradient stops here: the first step learns only its target
+        return first, x
+
+    def generate(self, batch: Batch, cond, grad: bool) -> torch.Tensor:
+        return self.rollout(batch, cond, grad)[1]
+
+    @torch.no_grad()
+    def anchor_target(self, noise: torch.Tensor, cond) -> torch.Tensor:
+        """The first step's target: the clean prediction whose DDIM step from ``noise`` hits the teacher's
+        anchor (the teacher's guided ODE from the same ``noise``)."""
+        from ..pipeline import sampling_grid
+
+        t_, c = self.teacher, self.cfg
+        grid = sampling_grid(t_, c.anchor_grid)[:c.anchor_steps + 1]
+        with t_.backbone.adapter(None):
+            z = sample_ode(t_.backbone, noise, cond, grid, uncond=t_.empty_cond(len(noise)), guidance=c.real_guidance)
+        sched, t0, tk = t_.backbone.schedule, self.student.timesteps[0], grid[-1]
+        return fn.ddim_secant_x0(noise, sched.alpha(t0), sched.sigma(t0), z, sched.alpha(tk), sched.sigma(tk)).to(z)
+
+    def _student_loss(self, batch: Batch, cond, step: int) -> LossOut:
+        noise = self.noise(batch)
+        target = self.anchor_target(noise, cond)
+        first, x = self.rollout(batch, cond, grad=True, noise=noise)
+        total, terms = self._dm_terms(batch, cond, x, step)
+        div = torch.nn.functional.mse_loss(first.float(), target.float())
+        terms["diversity_mse"] = div.detach()
+        return LossOut(total + self.cfg.diversity_weight * div, terms, images=x.detach())

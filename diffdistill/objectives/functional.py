@@ -51,6 +51,19 @@ def denoising_loss(pred_eps: torch.Tensor, eps: torch.Tensor, weight: torch.Tens
     return (weight.float().reshape(-1, *([1] * (sq.ndim - 1))) * sq).mean()
 
 
+def ddim_secant_x0(x_start: torch.Tensor, a_start, s_start, z: torch.Tensor, a_k, s_k) -> torch.Tensor:
+    """The clean prediction whose deterministic DDIM step from ``x_start`` (at ``alpha, sigma = a_start,
+    s_start``) lands exactly on ``z`` (at ``a_k, s_k``): DDIM keeps ``eps = (x_start - a_start x0) / s_start``
+    and moves to ``a_k x0 + s_k eps``, so ``x0 = (z - (s_k / s_start) x_start) / (a_k - s_k a_start / s_start)``.
+    The VP form of DP-DMD's first-step target, the secant velocity ``(x1 - z) / (1 - sigma_k)`` of a flow
+    model's straight path from noise through the teacher's anchor ``z``. Coefficients: numbers or ``(B,)``."""
+    def col(c):
+        c = torch.as_tensor(c, dtype=torch.float64, device=z.device)
+        return c.reshape(-1, *([1] * (z.ndim - 1))) if c.ndim else c
+    a0, s0, ak, sk = col(a_start), col(s_start), col(a_k), col(s_k)
+    return (z.double() - (sk / s0) * x_start.double()) / (ak - sk * a0 / s0)
+
+
 def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Non-saturating generator loss ``E[softplus(-D(G(z)))]`` (DMD2 eq. 5's generator side)."""
     return F.softplus(-logits_fake.float()).mean()
