@@ -5,7 +5,8 @@ For each digit ``d`` the student's *typical confusion* ``c(d)`` is the other dig
 most. The script samples the protocol's prompts for ``d`` with the negative prompt "a handwritten digit
 c(d)" at each NASA weight (same seeds, so the images are paired), and reports per weight: the concept's
 CLIP score (cosine of the images to ``c(d)``'s class embedding; lower = steered away), the prompt's CLIP
-score, prompt accuracy, and the share of images whose concept score fell. Writes ``nasa.json`` and
+score, prompt accuracy, the paired change of the concept score (mean and standard error over images) and
+the share of images whose concept score fell. Writes ``nasa.json`` and
 ``grid.png`` (one row per weight, the same seeds across rows).
 
     python eval/nasa_digits.py runs/demo/snoopi --scales 0.25 0.5 1.0
@@ -71,12 +72,14 @@ def measure(model_spec: str, scales: list[float], n_per_digit: int, seed: int, o
     ref = scores(base, concept)
     rows = [{"scale": 0.0, "concept_clip": float(ref["concept_clip"].mean()),
              "prompt_clip": float(ref["prompt_clip"].mean()), "prompt_accuracy": float(ref["correct"].mean()),
-             "concept_lower_share": None}]
+             "concept_lower_share": None, "concept_delta": 0.0, "concept_delta_se": 0.0}]
     grids = [base]
     for scale in scales:
         images = run(negatives, scale)
         s = scores(images, concept)
+        delta = s["concept_clip"] - ref["concept_clip"]  # paired: same seeds, same prompts
         rows.append({"scale": scale, "concept_clip": float(s["concept_clip"].mean()),
+                     "concept_delta": float(delta.mean()), "concept_delta_se": float(delta.std() / len(delta) ** 0.5),
                      "prompt_clip": float(s["prompt_clip"].mean()), "prompt_accuracy": float(s["correct"].mean()),
                      "concept_lower_share": float((s["concept_clip"] < ref["concept_clip"]).float().mean())})
         grids.append(images)
@@ -103,11 +106,13 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     result = measure(args.model, args.scales, args.n_per_digit, args.seed, Path(args.out))
     print("confusion (digit -> negative concept):", result["confusion"])
-    print("| NASA weight | concept CLIP | prompt CLIP | prompt acc | images with lower concept score |")
-    print("|---|---|---|---|---|")
+    print("| NASA weight | concept CLIP | paired change (s.e.) | prompt CLIP | prompt acc | images with lower concept score |")
+    print("|---|---|---|---|---|---|")
     for r in result["rows"]:
         share = "-" if r["concept_lower_share"] is None else f"{r['concept_lower_share']:.2f}"
-        print(f"| {r['scale']:g} | {r['concept_clip']:.4f} | {r['prompt_clip']:.4f} | {r['prompt_accuracy']:.3f} | {share} |")
+        change = f"{r['concept_delta']:+.4f} ({r['concept_delta_se']:.4f})"
+        print(f"| {r['scale']:g} | {r['concept_clip']:.4f} | {change} | {r['prompt_clip']:.4f} | "
+              f"{r['prompt_accuracy']:.3f} | {share} |")
     print(f"nasa.json and grid.png in {args.out}/")
     return 0
 
