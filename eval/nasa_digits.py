@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     if any(s <= 0 for s in args.scales) or args.n_per_digit < 1:
         print("nasa_digits: --scales must be > 0 and --n-per-digit >= 1", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
-    result = measure(args.model, args.scales, args.n_per_digit, args.seed, Path(args.out))
+    with torch.no_grad():
+        result = measure(args.model, args.scales, args.n_per_digit, args.seed, Path(args.out))
     print("confusion (digit -> negative concept):", result["confusion"])
     print("| NASA weight | concept CLIP | paired change (s.e.) | prompt CLIP | prompt acc | images with lower concept score |")
     print("|---|---|---|---|---|---|")
