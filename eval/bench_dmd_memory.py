@@ -13,7 +13,7 @@ on, batch 1, ``--latent`` x ``--latent`` latents):
 Each mode runs in its own process. On CUDA the peak is ``torch.cuda.max_memory_allocated``; on CPU it is
 the process's peak resident memory (``ru_maxrss``), reported whole and above the process's footprint
 before any model was built. ``--width`` scales every channel count (1.0 = SD1.5; the full mode at 1.0
-needs ~31 GB in float32, more than our 24 GB CPU machines: run it there at ``--width 0.5``)::
+would need about 30 GB in float32, more than our 24 GB CPU machines: run it there at ``--width 0.5``)::
 
     python eval/bench_dmd_memory.py --width 0.5 --latent 16          # CPU
     python eval/bench_dmd_memory.py --device cuda --dtype bfloat16 --latent 64   # one GPU, SD1.5 at 512 px
