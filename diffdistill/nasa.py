@@ -1,5 +1,6 @@
 """Negative prompts for one-step students: SNOOPI's Negative-Away Steer Attention (NASA; Nguyen et al.,
-"SNOOPI: Supercharged One-step Diffusion Distillation with Proper Guidance", 2024, sec. 5.1, eqs. 7-9).
+"SNOOPI: Supercharged One-step Diffusion Distillation with Proper Guidance", arXiv 2412.02687; sec. 5.1 and
+eqs. 7-9 of its v3, retitled "Supercharged One-step Text-to-Image Diffusion Models with Negative Prompts").
 
 A one-step student has no classifier-free guidance to put a negative prompt into. NASA steers in the
 cross-attention layers instead: with the queries ``Q`` of the image tokens, the keys and values of the

@@ -32,8 +32,8 @@ def score_surrogate_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def vsd_gradient(eps_real: torch.Tensor, eps_fake: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    """The variational score distillation gradient on the generator output (ProlificDreamer eq. 9, SwiftBrush
-    eq. 5): ``w(t) (eps_real - eps_fake)``, the pretrained (guided) minus the fake score's noise prediction
+    """The variational score distillation gradient on the generator output (ProlificDreamer eq. 9, as SwiftBrush
+    uses it): ``w(t) (eps_real - eps_fake)``, the pretrained (guided) minus the fake score's noise prediction
     at the noised output, weighted per sample by ``w(t) = sigma_t^2 = 1 - alpha_bar_t`` (``sigma2``, ``(B,)``)
     as both papers' code does; no further normalisation. In x0 terms this is
     ``sigma_t^2 alpha_t / sigma_t (x0_fake - x0_real)``: DMD's direction under another weighting. float64."""

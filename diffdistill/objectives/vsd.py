@@ -1,7 +1,8 @@
 """Variational score distillation: SwiftBrush (Nguyen & Tran, "SwiftBrush: One-Step Text-to-Image Diffusion
 Model with Variational Score Distillation", CVPR 2024) and SNOOPI's proper guidance (Nguyen et al.,
-"SNOOPI: Supercharged One-step Diffusion Distillation with Proper Guidance", 2024). The loss is
-ProlificDreamer's VSD (Wang et al., NeurIPS 2023, eq. 9). Numerical reference: the authors' code
+"SNOOPI: Supercharged One-step Diffusion Distillation with Proper Guidance", arXiv 2412.02687; equation
+and table numbers below are its v3's). The loss is ProlificDreamer's VSD (Wang et al., NeurIPS 2023,
+eq. 9). Numerical reference: the authors' code
 (VinAIResearch/SwiftBrush, ``train_swiftbrush.py``); SNOOPI has no public training code.
 
 Image-free: only prompts. Networks: the one-step student ``G`` (initialised from the teacher, fed pure
