@@ -155,6 +155,8 @@ def test_fake_score_kinds_shared_with_dmd2(tiny_sd, tmp_path, one_thread):
 def test_vsd_configs_are_checked():
     with pytest.raises(ConfigError, match="student.guidance"):
         load_config(TINY, ["objective={name: swiftbrush}", "student.guidance=2.0"])
+    with pytest.raises(ConfigError, match="student.gamma"):  # backward simulation re-noises: gamma 1 only
+        load_config(TINY, ["objective={name: snoopi}", "student.timesteps=[1.0, 0.5]", "student.gamma=0"])
     with pytest.raises(ConfigError, match="objective.guidance_min"):
         load_config(TINY, ["objective={name: snoopi, guidance_min: 5.0}"])
     with pytest.raises(ConfigError, match="objective.fake_cfg"):

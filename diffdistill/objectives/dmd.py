@@ -78,16 +78,14 @@ class DMD2Config(ScoreDistillationConfig):
             _check(getattr(self, key) >= 0, f"{p}.{key}", f"must be >= 0, got {getattr(self, key)}")
         _check(self.gan_max_t <= 1.0, f"{p}.gan_max_t", f"must be <= 1, got {self.gan_max_t}")
 
-    def validate_run(self, config) -> None:
+    def check_gan_images(self, config) -> None:
         if (self.gan_weight > 0 or self.disc_weight > 0) and config.data.images is None:
             raise ConfigError("data.images", f"objective {self.name!r} with a GAN term (gan_weight / disc_weight > 0) "
                               "needs real images: set data.images (e.g. 'digits'), or set both weights to 0")
-        if config.student.guidance != 1.0:
-            raise ConfigError("student.guidance", f"{self.name} students sample without CFG (the real score carries "
-                              f"the guidance); got {config.student.guidance}")
-        if config.student.gamma != 1.0 and len(config.student.timesteps) > 1:
-            raise ConfigError("student.gamma", f"{self.name}'s backward simulation re-noises with fresh noise, the "
-                              f"sampler of gamma 1; got {config.student.gamma}")
+
+    def validate_run(self, config) -> None:
+        self.check_gan_images(config)
+        super().validate_run(config)
 
 
 @dataclass
@@ -229,10 +227,8 @@ class DPDMDConfig(DMD2Config):
         if config.student.gamma != 0.0:
             raise ConfigError("student.gamma", f"{self.name} trains the deterministic rollout the student samples "
                               f"with: set student.gamma: 0, got {config.student.gamma}")
-        if config.student.guidance != 1.0:
-            raise ConfigError("student.guidance", f"{self.name} students sample without CFG; got {config.student.guidance}")
-        if (self.gan_weight > 0 or self.disc_weight > 0) and config.data.images is None:
-            raise ConfigError("data.images", f"objective {self.name!r} with a GAN term needs data.images")
+        self.check_unguided_sampler(config)
+        self.check_gan_images(config)
 
 
 class DPDMD(DMD2):

@@ -42,7 +42,7 @@ from typing import ClassVar
 
 import torch
 
-from ..config import ConfigError, _check
+from ..config import _check
 from ..student import Student
 from . import functional as fn
 from .base import Batch, LossOut, Phase
@@ -74,14 +74,6 @@ class SwiftBrushConfig(ScoreDistillationConfig):
                f"must be in [0, 1), got {self.fake_empty_prompt_prob}")
         _check(not self.fake_cfg or self.fake_empty_prompt_prob > 0, f"{p}.fake_cfg",
                "a guided LoRA teacher needs an unconditional branch: set fake_empty_prompt_prob > 0")
-
-    def validate_run(self, config) -> None:
-        if config.student.guidance != 1.0:
-            raise ConfigError("student.guidance", f"{self.name} students sample without CFG (the teacher's guidance "
-                              f"is distilled into them); got {config.student.guidance}")
-        if len(config.student.timesteps) > 1 and config.student.gamma != 1.0:
-            raise ConfigError("student.gamma", f"{self.name}'s backward simulation re-noises with fresh noise, the "
-                              f"sampler of gamma 1; got {config.student.gamma}")
 
 
 @dataclass
