@@ -168,12 +168,20 @@ class EvalConfig:
                    f"protocol {self.protocol!r} needs a local COCO image folder, got {self.images!r}")
 
 
+# diffdistill.kernels.NAMES plus "default" (kept literal here so that loading a config imports no kernels)
+ATTENTION_BACKENDS = ("default", "auto", "sdpa", "math", "triton", "triton_jvp", "block_sparse", "xformers")
+
+
 @dataclass
 class AttentionConfig:
-    backend: str = "default"  # the denoiser's own processors until the kernels land
+    backend: str = "default"  # "default": the denoisers' own processors; else diffdistill.kernels.use_attention
+    density: float = 0.5      # block_sparse: fraction of key tiles each query tile keeps
 
     def validate(self, p: str) -> None:
-        _check(self.backend in ("default", "sdpa"), f"{p}.backend", f"unknown backend {self.backend!r}")
+        close = difflib.get_close_matches(self.backend, ATTENTION_BACKENDS, n=1)
+        _check(self.backend in ATTENTION_BACKENDS, f"{p}.backend", f"unknown backend {self.backend!r}"
+               + (f"; did you mean {close[0]!r}?" if close else f"; one of {list(ATTENTION_BACKENDS)}"))
+        _check(0.0 < self.density <= 1.0, f"{p}.density", f"must be in (0, 1], got {self.density}")
 
 
 @dataclass

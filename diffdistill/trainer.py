@@ -74,6 +74,7 @@ class Trainer:
 
     # -- construction ---------------------------------------------------------------------------
     def _build(self) -> None:
+        from .kernels import use_attention
         from .pipeline import load_teacher
         from .student import build_student
 
@@ -83,6 +84,9 @@ class Trainer:
         self.teacher = load_teacher(cfg.teacher.path, dtype=DTYPES[cfg.teacher.dtype], device=self.acc.device)
         self.images = load_images(cfg.data.images, self.teacher.image_size, cfg.data.caption_column)
         self.student = build_student(self.teacher, cfg.student)
+        # attention.backend: teacher and student now; the fake score and EMA targets, copied from them, inherit it
+        for net in (self.teacher.backbone.denoiser, self.student.backbone.denoiser):
+            use_attention(net, cfg.attention.backend, cfg.attention.density)
         if cfg.train.gradient_checkpointing:
             self.student.backbone.denoiser.enable_gradient_checkpointing()
         self.objective: Objective = OBJECTIVES[type(cfg.objective).name](cfg.objective, self.teacher, self.student,
