@@ -38,6 +38,13 @@ class Cond:
         g = torch.as_tensor(scale, dtype=torch.float32, device=self.embeds.device)
         return Cond(self.embeds, self.extra, g.expand(self.batch_size) if g.ndim == 0 else g)
 
+    def pooled(self) -> torch.Tensor:
+        """``(B, D)``: one vector per prompt, for conditioning discriminator heads -- the backbone's pooled text
+        embedding where it carries one (SDXL's ``text_embeds``), else the mean of the token embeddings."""
+        if "text_embeds" in self.extra:
+            return self.extra["text_embeds"].flatten(1)
+        return self.embeds.mean(dim=1)
+
     def expand(self, n: int) -> Cond:
         """This conditioning for a batch of ``n``: unchanged if it already has ``n``; a batch of 1 repeats."""
         if self.batch_size == n:

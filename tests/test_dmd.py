@@ -6,6 +6,7 @@ from test_trainer import TINY
 
 from diffdistill.config import ConfigError, load_config
 from diffdistill.objectives import functional as fn
+from diffdistill.objectives.gan import Adversary
 from diffdistill.trainer import Trainer
 
 
@@ -47,6 +48,10 @@ def test_each_phase_trains_only_its_modules(tiny_sd, tmp_path, kind, one_thread)
         ("student", ["student"], 2), ("fake_score", ["fake_score", "disc"], 1)]
     if kind == "lora":  # shared base: one frozen network carries both adapters
         assert obj.fake.backbone is obj.student.backbone is trainer.teacher.backbone
+    adv = obj.adversary  # the GAN component shared with ADD / LADD, on the fake score's bottleneck
+    assert type(adv) is Adversary and adv.levels == ("mid",) and adv.loss_kind == "nonsaturating"
+    assert adv.network.backbone is obj.fake.backbone and adv.network.adapter == obj.fake.adapter and not adv.conditioned
+    assert set(groups["disc"]) == {f"heads.mid.{k}" for k, _ in adv.heads.heads["mid"].named_parameters()}
     base = {k: p.detach().clone() for k, p in trainer.teacher.backbone.denoiser.named_parameters()
             if "lora" not in k}
     from diffdistill.batch import micro_batch

@@ -74,7 +74,8 @@ def _losses(run):
 RESUME_CASES = {"regression": [], "two_phase_test": ["objective={name: two_phase_test, critic_every: 2}"],
                 "dmd2": ["objective={name: dmd2, student_every: 3}", "data.images=digits", "student.timesteps=[1.0]"],
                 "lcm": ["objective={name: lcm}", "data.images=digits"],  # full student: its EMA target is resumed too
-                "snoopi": ["objective={name: snoopi, fake_lora_rank: 4, fake_lr: 2.0e-3}", "student.timesteps=[1.0]"]}
+                "snoopi": ["objective={name: snoopi, fake_lora_rank: 4, fake_lr: 2.0e-3}", "student.timesteps=[1.0]"],
+                "ladd": ["objective={name: ladd, num_pairs: 4, teacher_steps: 2, disc_lr: 2.0e-3}"]}  # + teacher pool
 
 
 @pytest.mark.parametrize("objective", list(RESUME_CASES))
@@ -98,6 +99,9 @@ def test_resume_is_bitwise_identical(tiny_sd, tmp_path, two_phase, objective):
     if objective == "snoopi":  # the LoRA teacher's phase runs at its own learning rate
         assert {r["phase"]: r["lr"] for r in _losses(tmp_path / "b")} == {"student": 1e-3, "fake_score": 2e-3}
         assert resumed.optimizers["fake_score"].param_groups[0]["lr"] == 2e-3
+    if objective == "ladd":  # the heads' phase at its own rate; the teacher pool is made once, then reused
+        assert {r["phase"]: r["lr"] for r in _losses(tmp_path / "b")} == {"student": 1e-3, "disc": 2e-3}
+        assert (tmp_path / "b" / "teacher_pairs.safetensors").is_file()
     if objective == "dmd2":
         assert phases.count("student") == 2 and phases.count("fake_score") == 6  # student every 3rd step
 

@@ -1,5 +1,5 @@
 """Small trainable heads on backbone features (GAN discriminators)."""
 
-from .discriminator import DiscriminatorHead
+from .discriminator import DiscriminatorHead, FeatureDiscriminator
 
-__all__ = ["DiscriminatorHead"]
+__all__ = ["DiscriminatorHead", "FeatureDiscriminator"]

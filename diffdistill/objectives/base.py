@@ -40,6 +40,29 @@ class ObjectiveConfig:
     def validate_run(self, config) -> None:
         """Checks against the other sections (e.g. an objective that needs ``data.images``)."""
 
+    # -- checks several objectives share ------------------------------------------------------------
+    def check_unguided_sampler(self, config) -> None:
+        """The student samples without CFG: the teacher's guidance is distilled into it."""
+        from ..config import ConfigError
+
+        if config.student.guidance != 1.0:
+            raise ConfigError("student.guidance", f"{self.name} students sample without CFG (the teacher's guidance "
+                              f"is distilled into them); got {config.student.guidance}")
+
+    def check_renoising_sampler(self, config, how: str) -> None:
+        """A multi-step student whose later inputs are trained as fresh-noise re-noisings (``how`` says of
+        what) must sample that way: the sampler of ``student.gamma`` 1."""
+        from ..config import ConfigError
+
+        if config.student.gamma != 1.0 and len(config.student.timesteps) > 1:
+            raise ConfigError("student.gamma", f"{self.name} {how}, the sampler of gamma 1; got {config.student.gamma}")
+
+    def check_images(self, config, why: str) -> None:
+        from ..config import ConfigError
+
+        if config.data.images is None:
+            raise ConfigError("data.images", f"objective {self.name!r} {why}: set data.images (e.g. 'digits')")
+
 
 class Objective(nn.Module):
     """Subclasses set ``Config`` and implement :meth:`phases`, :meth:`loss` and :meth:`trainable`."""

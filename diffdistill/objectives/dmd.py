@@ -44,11 +44,11 @@ from typing import ClassVar
 import torch
 
 from ..config import ConfigError, _check
-from ..nets import DiscriminatorHead
 from ..sampling import sample_ode
 from ..student import Student
 from . import functional as fn
 from .base import Batch, LossOut, Phase
+from .gan import Adversary, DenoiserFeatures, latent_probe
 from .regression import Regression, RegressionConfig
 from .score_distillation import ScoreDistillation, ScoreDistillationConfig
 
@@ -79,9 +79,9 @@ class DMD2Config(ScoreDistillationConfig):
         _check(self.gan_max_t <= 1.0, f"{p}.gan_max_t", f"must be <= 1, got {self.gan_max_t}")
 
     def check_gan_images(self, config) -> None:
-        if (self.gan_weight > 0 or self.disc_weight > 0) and config.data.images is None:
-            raise ConfigError("data.images", f"objective {self.name!r} with a GAN term (gan_weight / disc_weight > 0) "
-                              "needs real images: set data.images (e.g. 'digits'), or set both weights to 0")
+        if self.gan_weight > 0 or self.disc_weight > 0:
+            self.check_images(config, "with a GAN term (gan_weight / disc_weight > 0) needs real images (or set both "
+                              "weights to 0)")
 
     def validate_run(self, config) -> None:
         self.check_gan_images(config)
@@ -103,7 +103,10 @@ class DMD2(ScoreDistillation):
 
     def __init__(self, cfg: DMD2Config, teacher, student: Student, prompt_pool: list[str]):
         super().__init__(cfg, teacher, student)
-        self.disc = DiscriminatorHead(*self._bottleneck()) if self.gan else None
+        self.adversary = None
+        if self.gan:  # the shared GAN component, on the fake score's bottleneck (DMD2 sec. 4.2)
+            network = DenoiserFeatures(self.fake.backbone, self.fake.adapter, ("mid",), ("uniform", 0.0, cfg.gan_max_t))
+            self.adversary = Adversary(network, latent_probe(teacher), loss="nonsaturating")
         self.regression = None
         if cfg.regression_weight > 0:
             reg_cfg = RegressionConfig(teacher_steps=cfg.teacher_steps, guidance=cfg.pair_guidance, num_pairs=cfg.num_pairs)
@@ -113,13 +116,6 @@ class DMD2(ScoreDistillation):
     def gan(self) -> bool:
         return self.cfg.gan_weight > 0 or self.cfg.disc_weight > 0
 
-    @torch.no_grad()
-    def _bottleneck(self) -> tuple[int, int]:
-        x = torch.zeros((1, *self.teacher.latent_shape), device=self.teacher.device, dtype=self.teacher.dtype)
-        with self.fake.backbone.adapter(self.fake.adapter):
-            mid = self.fake.backbone.features(x, 0.5, self.teacher.empty_cond(1), levels=("mid",))["mid"]
-        return mid.shape[1], mid.shape[-1]
-
     def phases(self) -> list[Phase]:
         fake = ["fake_score", "disc"] if self.gan else ["fake_score"]
         return [Phase("student", ["student"], every=self.cfg.student_every), Phase("fake_score", fake, lr=self.cfg.fake_lr)]
@@ -127,20 +123,12 @@ class DMD2(ScoreDistillation):
     def trainable(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         groups = super().trainable()
         if self.gan:
-            groups["disc"] = dict(self.disc.named_parameters())
+            groups["disc"] = dict(self.adversary.heads.named_parameters())
         return groups
 
     def prepare(self, run_dir, device) -> None:
         if self.regression is not None:
             self.regression.prepare(run_dir, device)
-
-    # -- pieces ---------------------------------------------------------------------------------------
-    def logits(self, x: torch.Tensor, cond, batch: Batch) -> torch.Tensor:
-        """The head's realism logits for latents ``x`` (noised at ``t ~ U[0, gan_max_t)``)."""
-        x_t, t, _ = self.noised(batch, x, 0.0, self.cfg.gan_max_t)
-        with self.fake.backbone.adapter(self.fake.adapter):
-            mid = self.fake.backbone.features(x_t, t, cond, levels=("mid",))["mid"]
-        return self.disc(mid)
 
     # -- losses ---------------------------------------------------------------------------------------
     def loss(self, phase: str, batch: Batch, step: int) -> LossOut:
@@ -168,7 +156,7 @@ class DMD2(ScoreDistillation):
         dm = fn.score_surrogate_loss(x, grad)
         total, terms = dm, {"dm_loss": dm.detach(), "dm_grad_norm": grad.float().flatten(1).norm(dim=1).mean().detach()}
         if c.gan_weight > 0:
-            gen = fn.gan_generator_loss(self.logits(x, cond, batch))
+            gen = self.adversary.generator_loss(batch, x, cond)
             total = total + c.gan_weight * gen
             terms["gan_generator"] = gen.detach()
         if self.regression is not None:
@@ -189,9 +177,9 @@ class DMD2(ScoreDistillation):
             with torch.no_grad():
                 real = self.teacher.encode_images(batch.images, sample=False).to(x)
                 real_cond = self.teacher.encode_prompt(batch.image_captions)
-            disc = fn.gan_discriminator_loss(self.logits(real, real_cond, batch), self.logits(x, cond, batch))
+            disc, disc_terms = self.adversary.discriminator_loss(batch, real, real_cond, x, cond)
             total = total + self.cfg.disc_weight * disc
-            terms["gan_discriminator"] = disc.detach()
+            terms.update(disc_terms)
         return LossOut(total, terms, images=x)
 
 

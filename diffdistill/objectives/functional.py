@@ -64,6 +64,14 @@ def ddim_secant_x0(x_start: torch.Tensor, a_start, s_start, z: torch.Tensor, a_k
     return (z.double() - (sk / s0) * x_start.double()) / (ak - sk * a0 / s0)
 
 
+def add_distillation_loss(x: torch.Tensor, x0_teacher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """ADD's distillation loss (Sauer et al. 2023, eq. 4-5): ``c(t) ||x - x0_teacher||^2`` with ``x0_teacher``
+    the teacher's (constant) clean prediction at a noised copy of the student's output ``x``, ``weight`` the
+    per-sample ``c(t)`` ``(B,)``; squared error averaged over elements and the batch."""
+    sq = (x.float() - x0_teacher.detach().float()).pow(2)
+    return (weight.float().reshape(-1, *([1] * (sq.ndim - 1))) * sq).mean()
+
+
 def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Non-saturating generator loss ``E[softplus(-D(G(z)))]`` (DMD2 eq. 5's generator side)."""
     return F.softplus(-logits_fake.float()).mean()
@@ -72,6 +80,30 @@ def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """``E[softplus(-D(x_real))] + E[softplus(D(G(z)))]``: real labelled 1, generated 0 (DMD2 eq. 5)."""
     return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
+
+
+def hinge_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """The hinge GAN's generator loss ``-E[D(G(z))]`` (Lim & Ye 2017; ADD eq. 3 and LADD use the hinge GAN)."""
+    return -logits_fake.float().mean()
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """``E[max(0, 1 - D(x_real))] + E[max(0, 1 + D(G(z)))]``: the hinge GAN's discriminator loss."""
+    return F.relu(1 - logits_real.float()).mean() + F.relu(1 + logits_fake.float()).mean()
+
+
+def r1_penalty(logits_real: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): ``E ||grad_x sum_heads D(x)||^2`` over real inputs ``x`` (which must require
+    grad and have produced ``logits_real``); differentiable (double backward) so it can be minimised."""
+    (grad,) = torch.autograd.grad(logits_real.float().sum(), inputs, create_graph=True)
+    return grad.float().pow(2).flatten(1).sum(dim=1).mean()
+
+
+def approx_r1_penalty(logits_real: torch.Tensor, logits_perturbed: torch.Tensor) -> torch.Tensor:
+    """Approximated R1 (Lin et al. 2025, "Diffusion Adversarial Post-Training for One-Step Video Generation"):
+    ``E ||D(x) - D(x + sigma n)||^2``, the discriminator's change under a small Gaussian perturbation of its
+    real input -- R1's smoothness pressure without a double backward through the feature network."""
+    return (logits_real.float() - logits_perturbed.float()).pow(2).mean()
 
 
 # -- consistency distillation (LCM, TDD, PCM) ---------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, _check
+from ..config import _check
 from ..sampling import sample_ode
 from .base import Batch, LossOut, Objective, ObjectiveConfig, Phase
 
@@ -38,9 +38,7 @@ class RegressionConfig(ObjectiveConfig):
     pair_batch_size: int = 100
 
     def validate_run(self, config) -> None:
-        if config.student.gamma != 1.0 and len(config.student.timesteps) > 1:
-            raise ConfigError("student.gamma", "regression trains later steps on re-noised teacher samples, the "
-                              f"sampler of gamma 1; got {config.student.gamma}")
+        self.check_renoising_sampler(config, "trains later steps on teacher samples re-noised with fresh noise")
 
     def validate(self, p: str) -> None:
         _check(self.teacher_steps > 0, f"{p}.teacher_steps", f"must be positive, got {self.teacher_steps}")
@@ -99,7 +97,7 @@ class Regression(Objective):
         self.pairs = {"z": torch.cat(zs), "x0": torch.cat(x0s), "prompt_index": idx}
         save_state(path, self.pairs, {"num_pairs": self.cfg.num_pairs, "prompts": "index into the run's prompt pool"})
 
-    def _batch_pairs(self, batch: Batch):
+    def batch_pairs(self, batch: Batch):
         if self.pairs is None:
             z = batch.randn(*self.teacher.latent_shape, device=self.teacher.device, dtype=self.teacher.dtype)
             return batch.prompts, z, self.teacher_pairs(batch.prompts, z)
@@ -111,7 +109,7 @@ class Regression(Objective):
     def loss(self, phase: str, batch: Batch, step: int) -> LossOut:
         if phase != "student":
             raise ValueError(f"regression has one phase, 'student'; got {phase!r}")
-        prompts, z, x0 = self._batch_pairs(batch)
+        prompts, z, x0 = self.batch_pairs(batch)
         ts = self.student.timesteps
         k = batch.randint(len(ts))
         t = torch.tensor(ts, dtype=torch.float64)[k]

@@ -17,7 +17,7 @@ import torch
 
 from .. import lora
 from ..backbone import DiffusionBackbone
-from ..config import ConfigError, _check
+from ..config import _check
 from ..student import Student
 from .base import Batch, Objective, ObjectiveConfig
 
@@ -39,18 +39,12 @@ class ScoreDistillationConfig(ObjectiveConfig):
                f"must be positive, got {self.fake_lora_rank}")
         _check(self.fake_lr is None or self.fake_lr > 0, f"{p}.fake_lr", f"must be positive, got {self.fake_lr}")
 
-    def check_unguided_sampler(self, config) -> None:
-        if config.student.guidance != 1.0:
-            raise ConfigError("student.guidance", f"{self.name} students sample without CFG (the teacher's guidance "
-                              f"is distilled into them); got {config.student.guidance}")
-
     def validate_run(self, config) -> None:
         """Students sample without CFG; multi-step ones are trained by backward simulation, which re-noises
         with fresh noise: the sampler of ``student.gamma`` 1."""
         self.check_unguided_sampler(config)
-        if config.student.gamma != 1.0 and len(config.student.timesteps) > 1:
-            raise ConfigError("student.gamma", f"{self.name}'s backward simulation re-noises with fresh noise, the "
-                              f"sampler of gamma 1; got {config.student.gamma}")
+        self.check_renoising_sampler(config, "trains later steps by backward simulation, which re-noises the "
+                                     "student's own samples with fresh noise")
 
 
 def build_fake_score(cfg: ScoreDistillationConfig, teacher, student: Student) -> Student:
