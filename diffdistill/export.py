@@ -19,6 +19,9 @@ per intermediate step), so a fixed seed gives the same images. Two settings make
 * ``timestep_scaling = 1e6`` turns LCM's consistency boundary scalings into ``c_skip <= 2.5e-13``,
   ``c_out = 1`` at every timestep >= 1, so the scheduler's output is the network's x0 prediction.
 
+Flow students (SD3) use ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=1)`` instead, whose
+step is the same re-noising rule (see :func:`_flow_recipe`); their LoRA files hold ``transformer.`` keys.
+
 Timesteps that no ``original_inference_steps`` reproduces (non-uniform grids) still sample exactly
 through the stock scheduler when the call passes ``timesteps=[...]``; the export then warns
 (:class:`RecipeWarning`) and the model card says so. Fractional diffusers timesteps, or timestep 0,
@@ -104,9 +107,45 @@ def _verify_scheduler(scheduler, student, ks: list[int]) -> None:
             raise ExportError(f"LCM scalings at timestep {k}: c_skip={float(c_skip)}, c_out={float(c_out)}")
 
 
+def _is_flow(student) -> bool:
+    from .schedule import FlowSchedule
+
+    return isinstance(student.backbone.schedule, FlowSchedule)
+
+
 def scheduler_class(student) -> str:
-    """``LCMScheduler`` for the re-noising sampler (``gamma = 1``), ``TCDScheduler`` (``eta = gamma``) otherwise."""
+    """``LCMScheduler`` for the re-noising sampler (``gamma = 1``), ``TCDScheduler`` (``eta = gamma``) otherwise;
+    ``FlowMatchEulerDiscreteScheduler`` for flow students."""
+    if _is_flow(student):
+        return "FlowMatchEulerDiscreteScheduler"
     return "LCMScheduler" if student.gamma == 1.0 else "TCDScheduler"
+
+
+def _flow_recipe(student) -> tuple[dict, list[float], bool]:
+    """A flow student's re-noising sampler as ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``: each
+    step takes ``x0 = x_t - sigma * v`` and moves to ``(1 - sigma') x0 + sigma' noise`` with fresh noise -- our
+    :func:`~diffdistill.sampling.sample_student` at ``gamma = 1``, drawing in the same order (SD3's pipeline does
+    not hand its generator to the step: that noise comes from torch's global RNG). ``shift = 1`` makes the scheduler's sigmas the student's times ``t``; for a uniform grid ending at
+    ``t_K > 0``, ``shift_terminal = t_K`` stretches the default ``linspace`` onto it exactly."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if student.gamma != 1.0:
+        raise ExportError(f"flow students export with the re-noising sampler (student.gamma = 1) only, got "
+                          f"gamma {student.gamma}")
+    ts = [float(t) for t in student.timesteps]
+    n = student.backbone.schedule.num_train_timesteps
+    config = {"num_train_timesteps": n, "shift": 1.0, "stochastic_sampling": True}
+    if len(ts) > 1 and ts[-1] > 0:
+        config["shift_terminal"] = ts[-1]
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    scheduler.set_timesteps(len(ts))
+    default_call = torch.allclose(scheduler.sigmas[:-1].double(), torch.tensor(ts, dtype=torch.float64), atol=1e-6)
+    ks = [t * n for t in ts]
+    if not default_call:
+        warnings.warn(f"no FlowMatchEulerDiscreteScheduler setting reproduces the student's times {ts} from "
+                      f"num_inference_steps alone; the export samples exactly only when called with sigmas={ts} "
+                      "(the model card says so)", RecipeWarning, stacklevel=3)
+    return dict(scheduler.config), ks, default_call
 
 
 def scheduler_recipe(teacher, student) -> tuple[dict, list[int], bool]:
@@ -117,6 +156,8 @@ def scheduler_recipe(teacher, student) -> tuple[dict, list[int], bool]:
 
     from .pipeline import PREDICTION_NAMES
 
+    if _is_flow(student):
+        return _flow_recipe(student)
     klass = getattr(diffusers, scheduler_class(student))
     ks = _diffusers_timesteps(student)
     accepted = inspect.signature(klass.__init__).parameters
@@ -198,17 +239,16 @@ def _write_full(folder: Path, teacher, student, scheduler_config: dict) -> None:
     import diffusers
 
     pipeline_class = getattr(diffusers, teacher.pipeline_class)
-    pipe = pipeline_class(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
-                          unet=student.backbone.denoiser,
+    pipe = pipeline_class(vae=teacher.vae, **{teacher.family.denoiser[1]: student.backbone.denoiser},
                           scheduler=getattr(diffusers, scheduler_class(student)).from_config(scheduler_config),
-                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                          **teacher.family.pipeline_modules(teacher))
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
-def _write_lora(folder: Path, student, scheduler_config: dict) -> None:
+def _write_lora(folder: Path, teacher, student, scheduler_config: dict) -> None:
     import diffusers
 
-    lora.save_lora(student.backbone.denoiser, student.adapter, folder)
+    lora.save_lora(student.backbone.denoiser, student.adapter, folder, prefix=teacher.family.denoiser[1])
     getattr(diffusers, scheduler_class(student)).from_config(scheduler_config).save_pretrained(str(folder / "scheduler"))
 
 
@@ -217,11 +257,12 @@ def _recipe(teacher, student, config, step, ks: list[int], scheduler_config: dic
     recipe = {"format": _FORMAT, "kind": "full" if student.adapter is None else "lora",
               "timesteps": [float(t) for t in student.timesteps], "diffusers_timesteps": ks,
               "num_inference_steps": len(ks), "guidance": float(student.guidance), "gamma": float(student.gamma),
-              "base": str(teacher.source),
+              "base": str(teacher.source), "base_pipeline": teacher.pipeline_class,
+              "base_signature": teacher.backbone.signature(),
               "objective": config.objective.name if config is not None else None, "step": step,
               "prediction_type": student.backbone.pred_type, "dtype": str(teacher.dtype).replace("torch.", ""),
               "scheduler": {"class": scheduler_class(student), "default_call_reproduces": default_call,
-                            "original_inference_steps": scheduler_config["original_inference_steps"],
+                            "original_inference_steps": scheduler_config.get("original_inference_steps"),
                             "timestep_scaling": scheduler_config.get("timestep_scaling")}}
     if student.adapter is not None:
         peft_config = student.backbone.denoiser.peft_config[student.adapter]
@@ -247,7 +288,7 @@ def export_student(teacher, student, out, *, config=None, overwrite: bool = Fals
         if student.adapter is None:
             _write_full(tmp, teacher, student, scheduler_config)
         else:
-            _write_lora(tmp, student, scheduler_config)
+            _write_lora(tmp, teacher, student, scheduler_config)
         (tmp / "README.md").write_text(model_card(recipe, str(out), config=config, eval_table=eval_table))
         recipe["files"] = sorted([p.name for p in tmp.iterdir()] + [RECIPE_FILE])
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
@@ -314,6 +355,14 @@ def read_recipe(folder) -> dict:
     return recipe
 
 
+def _check_fits(backbone, other, what: str, against: str, context: str) -> None:
+    """:meth:`DiffusionBackbone.check_compatible`, raised as :class:`ExportError` after ``context``."""
+    try:
+        backbone.check_compatible(other, what, against)
+    except ValueError as err:
+        raise ExportError(f"{context}: {err}") from None
+
+
 def load_student(folder, base=None, *, device="cpu"):
     """``(teacher, student)`` from an exported folder, with the recipe (timesteps, guidance) restored.
 
@@ -323,14 +372,18 @@ def load_student(folder, base=None, *, device="cpu"):
     teacher to compare against.
     """
     from .backbone import DiffusionBackbone
-    from .pipeline import load_teacher
+    from .pipeline import load_teacher, read_model_index
     from .student import STUDENT_ADAPTER, Student
 
     folder = Path(folder)
     recipe = read_recipe(folder)
     if recipe["kind"] == "lora":
         teacher = load_teacher(base or recipe["base"], device=device)
-        lora.load_lora(teacher.backbone.denoiser, STUDENT_ADAPTER, folder / recipe["lora"]["weights"])
+        if "base_signature" in recipe:  # older exports lack it; load_lora's shape check still applies
+            _check_fits(teacher.backbone, recipe["base_signature"], "base", "LoRA's training base",
+                        f"LoRA {folder} (trained on a {recipe.get('base_pipeline')}) cannot load onto {teacher.source}")
+        lora.load_lora(teacher.backbone.denoiser, STUDENT_ADAPTER, folder / recipe["lora"]["weights"],
+                       prefix=teacher.family.denoiser[1])
         teacher.backbone.denoiser.requires_grad_(False)
         return teacher, Student(teacher.backbone, STUDENT_ADAPTER, recipe["timesteps"], recipe["guidance"],
                                 recipe.get("gamma", 1.0))
@@ -338,13 +391,20 @@ def load_student(folder, base=None, *, device="cpu"):
         teacher = load_teacher(str(folder), device=device)
         return teacher, Student(teacher.backbone, None, recipe["timesteps"], recipe["guidance"],
                                 recipe.get("gamma", 1.0))
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     teacher = load_teacher(base, device=device)
-    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", use_safetensors=True,
-                                                torch_dtype=teacher.dtype)
-    unet.requires_grad_(False).eval().to(device)
-    backbone = DiffusionBackbone(unet, teacher.backbone.schedule, teacher.backbone.pred_type)
+    own = read_model_index(str(folder)).get("_class_name")
+    klass, subfolder = teacher.family.denoiser
+    if not (folder / subfolder).is_dir():
+        raise ExportError(f"student {folder} ({own}) has no {subfolder}/, the denoiser of the teacher "
+                          f"{teacher.source} ({teacher.pipeline_class}): they come from different backbones")
+    denoiser = getattr(diffusers, klass).from_pretrained(str(folder), subfolder=subfolder, use_safetensors=True,
+                                                         torch_dtype=teacher.dtype)
+    denoiser.requires_grad_(False).eval().to(device)
+    backbone = DiffusionBackbone(denoiser, teacher.backbone.schedule, teacher.backbone.pred_type)
+    _check_fits(backbone, teacher.backbone, "student", "teacher",
+                f"student {folder} ({own}) does not fit the teacher {teacher.source} ({teacher.pipeline_class})")
     return teacher, Student(backbone, None, recipe["timesteps"], recipe["guidance"],
                                 recipe.get("gamma", 1.0))
 

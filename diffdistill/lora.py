@@ -112,23 +112,30 @@ class LoraFileError(ValueError):
     """A LoRA weight file that diffdistill will not load: not safetensors, unreadable, or not a LoRA for us."""
 
 
-def save_lora(model: nn.Module, name: str, folder: str | Path) -> Path:
-    """Write adapter ``name`` of a UNet to ``folder/pytorch_lora_weights.safetensors`` as
-    ``pipe.load_lora_weights`` reads it: peft-format keys under ``unet.`` and the adapter's
+# the denoiser's key prefix in a LoRA file -> the diffusers loader mixin whose save_lora_weights writes it
+LORA_LOADERS = {"unet": "StableDiffusionLoraLoaderMixin", "transformer": "SD3LoraLoaderMixin"}
+
+
+def save_lora(model: nn.Module, name: str, folder: str | Path, prefix: str = "unet") -> Path:
+    """Write adapter ``name`` of a denoiser to ``folder/pytorch_lora_weights.safetensors`` as
+    ``pipe.load_lora_weights`` reads it: peft-format keys under ``prefix`` (``unet.`` for SD / SDXL UNets,
+    ``transformer.`` for SD3) and the adapter's
     ``LoraConfig`` (rank, alpha, targets) in the file's metadata, so peft rebuilds the same scale
     ``alpha / rank``. Keys stay in peft's naming on purpose: diffusers' ``convert_state_dict_to_diffusers``
     renames only attention layers, and its loader decides the naming from the first key, so a mixed
     file (convolutions + attention) would silently lose its attention LoRA on load."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    import diffusers.loaders
     from peft.utils import get_peft_model_state_dict
 
     if name not in adapter_names(model):
         raise KeyError(f"no adapter {name!r}; this model has {adapter_names(model)}")
+    if prefix not in LORA_LOADERS:
+        raise ValueError(f"unknown LoRA key prefix {prefix!r}; known: {sorted(LORA_LOADERS)}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
     metadata = model.peft_config[name].to_dict()
-    StableDiffusionLoraLoaderMixin.save_lora_weights(str(folder), unet_lora_layers=tensors,
-                                                     unet_lora_adapter_metadata=metadata,
-                                                     weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
+    getattr(diffusers.loaders, LORA_LOADERS[prefix]).save_lora_weights(
+        str(folder), **{f"{prefix}_lora_layers": tensors, f"{prefix}_lora_adapter_metadata": metadata},
+        weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
     return Path(folder) / LORA_WEIGHT_NAME
 
 
@@ -161,6 +168,38 @@ def read_lora_file(path: str | Path, prefix: str = "unet") -> tuple[dict, dict |
     return tensors, config
 
 
+def _width(layer: nn.Module, side: str) -> int | None:
+    """Input (``in``) or output (``out``) width of a Linear / Conv layer, through a peft wrapper if present."""
+    layer = getattr(layer, "base_layer", layer)
+    for attr in (f"{side}_features", f"{side}_channels"):
+        if isinstance(getattr(layer, attr, None), int):
+            return getattr(layer, attr)
+    return None
+
+
+def _check_shapes(model: nn.Module, tensors: dict, path) -> None:
+    """Every LoRA matrix in the file targets a layer of ``model`` of the right width (``lora_A``: the layer's
+    input width in dim 1; ``lora_B``: its output width in dim 0). Checked before anything is attached, so a
+    LoRA trained on another backbone (SD1.5 vs SDXL) fails cleanly, naming the layers."""
+    layers = dict(model.named_modules())
+    problems = []
+    for key, w in tensors.items():
+        for part, side, dim in ((".lora_A.", "in", 1), (".lora_B.", "out", 0)):
+            if part not in key:
+                continue
+            name = key.split(part)[0]
+            if name not in layers:
+                problems.append(f"{name}: no such layer")
+                continue
+            width = _width(layers[name], side)
+            if width is not None and w.ndim > dim and w.shape[dim] != width:
+                problems.append(f"{name}: {side}put width {w.shape[dim]} in the file, {width} in the model")
+    if problems:
+        raise LoraFileError(f"{path} does not fit this model ({type(model).__name__}): {len(problems)} LoRA "
+                            f"weights disagree with its layers (e.g. {problems[:3]}); was it trained on another "
+                            "backbone?")
+
+
 def load_lora(model: nn.Module, name: str, path: str | Path, prefix: str = "unet") -> None:
     """Attach the LoRA in ``path`` (see :func:`save_lora`) to ``model`` as adapter ``name``. Without
     metadata, rank comes from the weights and alpha = rank (diffusers' convention). Every weight in the
@@ -172,6 +211,7 @@ def load_lora(model: nn.Module, name: str, path: str | Path, prefix: str = "unet
     tensors, config = read_lora_file(path, prefix)
     if any(".lora." in k for k in tensors):  # older diffusers naming (lora.down / lora.up)
         tensors = convert_unet_state_dict_to_peft(tensors)
+    _check_shapes(model, tensors, path)
     if config is None:
         ranks = {v.shape[0] for k, v in tensors.items() if ".lora_A." in k}
         if len(ranks) != 1:

@@ -53,8 +53,9 @@ def _summary(recipe: dict) -> str:
         f"LoRA, rank {recipe['lora']['rank']}, alpha {recipe['lora']['alpha']:g}"
     sch = recipe["scheduler"]
     scaling = "" if sch.get("timestep_scaling") is None else f", timestep_scaling={sch['timestep_scaling']:g}"
-    scheduler = (f"`{sch.get('class', 'LCMScheduler')}` (original_inference_steps={sch['original_inference_steps']}"
-                 f"{scaling})").replace("e+0", "e")
+    settings = f"original_inference_steps={sch['original_inference_steps']}{scaling}" \
+        if sch.get("original_inference_steps") is not None else "stochastic_sampling=True, shift=1"
+    scheduler = f"`{sch.get('class', 'LCMScheduler')}` ({settings})".replace("e+0", "e")
     gamma = recipe.get("gamma", 1.0)
     rows = [("Base model (teacher)", f"`{recipe['base']}`"), ("Method", objective_paper(recipe["objective"])),
             ("Student", what), ("Sampling steps", f"{k} (diffusers timesteps {recipe['diffusers_timesteps']})"),
@@ -71,10 +72,13 @@ def _summary(recipe: dict) -> str:
 def _usage(recipe: dict, location: str, prompt: str) -> str:
     k, g, dtype = recipe["num_inference_steps"], recipe["guidance"], recipe["dtype"]
     exact = recipe["scheduler"]["default_call_reproduces"]
-    timesteps = "" if exact else f", timesteps={recipe['diffusers_timesteps']}"
+    scheduler = recipe["scheduler"].get("class", "LCMScheduler")
+    # flow pipelines take the trained times as `sigmas=` (their scheduler has shift 1), UNet pipelines as `timesteps=`
+    arg, grid = ("sigmas", recipe["timesteps"]) if scheduler == "FlowMatchEulerDiscreteScheduler" else \
+        ("timesteps", recipe["diffusers_timesteps"])
+    timesteps = "" if exact else f", {arg}={grid}"
     gamma = recipe.get("gamma", 1.0)
     eta = f", eta={gamma:g}" if 0.0 < gamma < 1.0 else ""
-    scheduler = recipe["scheduler"].get("class", "LCMScheduler")
     call = f'image = pipe("{prompt}", num_inference_steps={k}, guidance_scale={g}{timesteps}{eta}).images[0]'
     if recipe["kind"] == "full":
         code = ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
@@ -90,12 +94,17 @@ def _usage(recipe: dict, location: str, prompt: str) -> str:
     notes = [(f"Always pass `guidance_scale={g}`: the pipeline's default (7.5) is not the trained recipe. "
               "StableDiffusionPipeline applies guidance only when `guidance_scale > 1`."),
              "With a fixed `generator`, these calls give the same images as diffdistill's own student sampler."]
+    if scheduler == "FlowMatchEulerDiscreteScheduler":  # its pipelines do not hand `generator` to the step
+        notes[-1] = ("The pipeline does not pass its `generator` to the scheduler's step, so the re-noising "
+                     "between steps draws from torch's global RNG: call `torch.manual_seed(...)` as well as passing "
+                     "`generator=` for reproducible images (diffdistill's sampler draws the same way when its "
+                     "re-noising generator is None).")
     if eta:
         notes.insert(0, f"Pass `eta={gamma:g}`: it is TCDScheduler's stochasticity (gamma), a call argument, and the "
                         "pipeline's default `eta=0.0` samples deterministically instead.")
     if not exact:
         notes.insert(0, f"**No stock scheduler setting produces the trained timesteps {recipe['diffusers_timesteps']} "
-                        "from `num_inference_steps` alone**, so the call must pass `timesteps=` as above; without "
+                        f"from `num_inference_steps` alone**, so the call must pass `{arg}=` as above; without "
                         "it the scheduler picks its own evenly spaced grid and the results are not the trained recipe.")
     older = "(Older diffusers versions take `torch_dtype=` instead of `dtype=`.)"
     return "## Usage\n\n```python\n" + code + "\n```\n\n" + "\n".join(f"- {n}" for n in notes) + f"\n\n{older}"
@@ -126,6 +135,8 @@ def _training(config) -> str:
 
 
 def _how(recipe: dict) -> str:
+    if recipe["scheduler"].get("class") == "FlowMatchEulerDiscreteScheduler":
+        return _how_flow(recipe)
     k = recipe["num_inference_steps"]
     steps = (f"`original_inference_steps` is set so that `num_inference_steps={k}` yields the trained timesteps, and"
              if recipe["scheduler"]["default_call_reproduces"] else
@@ -143,6 +154,18 @@ def _how(recipe: dict) -> str:
                f"whose last step lands on timestep 0 as TCD's does. {steps}")
     return ("## How the recipe is baked in\n\n" + how + " `diffdistill.json` holds the recipe "
             "(continuous times `t` in [0, 1]; diffusers timestep k is t = (k + 1) / N, N = `num_train_timesteps`).")
+
+
+def _how_flow(recipe: dict) -> str:
+    k = recipe["num_inference_steps"]
+    steps = (f"`shift_terminal` stretches its default grid so that `num_inference_steps={k}` yields the trained times."
+             if recipe["scheduler"]["default_call_reproduces"] else
+             "The trained times come from the call's `sigmas=` argument (see Usage).")
+    return ("## How the recipe is baked in\n\nThe scheduler is diffusers' own `FlowMatchEulerDiscreteScheduler` with "
+            "`stochastic_sampling=True`. Each step takes the clean sample the network's velocity implies and moves "
+            "it to the next noise level with fresh noise from the pipeline's generator: the student's training-time "
+            f"sampler. `shift=1` makes the scheduler's sigmas the trained times. {steps} `diffdistill.json` holds the "
+            "recipe (continuous times `t` in [0, 1]; the transformer's timestep is t N, N = `num_train_timesteps`).")
 
 
 def model_card(recipe: dict, location: str, *, config=None, eval_table=None) -> str:

@@ -4,6 +4,12 @@ This module is the only place where diffusers' own vocabulary appears (``epsilon
 ``v_prediction``, ``model_index.json``, scheduler configs); everything it hands out speaks
 diffdistill's: continuous ``t``, :class:`~diffdistill.backbone.Cond`, prediction types
 ``x0 | eps | v | flow``.
+
+What differs between pipeline classes -- which text encoders a pipeline has, how a prompt becomes a
+:class:`~diffdistill.backbone.Cond`, what the unconditional branch of CFG is, which modules an exported
+pipeline needs -- lives in one small adapter per class (:class:`StableDiffusion`,
+:class:`StableDiffusionXL`), registered in :data:`FAMILIES`. Supporting a new UNet pipeline means
+writing one more adapter; nothing outside this module changes.
 """
 
 from __future__ import annotations
@@ -14,15 +20,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from .backbone import Cond, DiffusionBackbone
-from .schedule import VPSchedule
+from .schedule import FlowSchedule, VPSchedule
 
 # diffusers' prediction_type -> ours
 PREDICTION_NAMES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 
 
 class TeacherLoadError(ValueError):
@@ -40,7 +46,17 @@ class Teacher:
     scheduler_config: dict
     source: str
     pipeline_class: str
+    tokenizer_2: object = None                   # SDXL's second tokenizer and text encoder (with projection)
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_3: object = None                   # SD3's T5 tokenizer and encoder (None when the pipeline drops T5)
+    text_encoder_3: torch.nn.Module | None = None
+    pipeline_config: dict = field(default_factory=dict)  # model_index.json's settings, e.g. force_zeros_for_empty_prompt
     _empty: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def family(self) -> Family:
+        """The adapter for this teacher's pipeline class (see :data:`FAMILIES`)."""
+        return FAMILIES[self.pipeline_class]
 
     @property
     def device(self) -> torch.device:
@@ -64,22 +80,18 @@ class Teacher:
     # -- text ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: str | Sequence[str]) -> Cond:
-        """Prompt embeddings exactly as ``StableDiffusionPipeline.encode_prompt`` computes them."""
+        """Prompt embeddings exactly as the pipeline class's own ``encode_prompt`` computes them."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not all(isinstance(p, str) for p in prompts) or len(prompts) == 0:
             raise TypeError("encode_prompt expects a string or a non-empty list of strings")
-        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        device = self.text_encoder.device
-        mask = tok.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        embeds = self.text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
-        return Cond(embeds.to(dtype=self.dtype, device=self.device))
+        return self.family.encode(self, list(prompts)).to(dtype=self.dtype, device=self.device)
 
     def empty_cond(self, batch_size: int = 1) -> Cond:
-        """The empty-prompt embedding used as the unconditional branch of CFG (cached)."""
+        """The unconditional branch of CFG when no negative prompt is given, as the pipeline builds it (the
+        empty prompt's embedding; zeros for SDXL's ``force_zeros_for_empty_prompt``); cached."""
         if "cond" not in self._empty:
-            self._empty["cond"] = self.encode_prompt([""])
+            self._empty["cond"] = self.family.empty(self).to(dtype=self.dtype, device=self.device)
         return self._empty["cond"].expand(batch_size)
 
     # -- VAE -----------------------------------------------------------------------------------
@@ -105,8 +117,9 @@ class Teacher:
         return self.vae.decode(z, return_dict=False)[0]
 
     def to(self, device=None, dtype=None) -> Teacher:
-        for module in (self.backbone, self.text_encoder, self.vae):
-            module.to(device=device, dtype=dtype)
+        for module in (self.backbone, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
         self._empty.clear()
         return self
 
@@ -139,7 +152,14 @@ def read_model_index(path: str) -> dict:
 
 
 def schedule_and_prediction(scheduler_config: dict):
-    """Our schedule and prediction type from a diffusers scheduler config."""
+    """Our schedule and prediction type from a diffusers scheduler config: ``FlowMatchEulerDiscreteScheduler``
+    -> :class:`FlowSchedule` with its ``shift``, predicting the flow; any other -> :class:`VPSchedule`."""
+    if scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        if scheduler_config.get("use_dynamic_shifting"):
+            raise TeacherLoadError("the scheduler shifts its timesteps by image size (use_dynamic_shifting, as FLUX "
+                                   "does); diffdistill's FlowSchedule supports a fixed shift only")
+        return FlowSchedule(shift=float(scheduler_config.get("shift", 1.0)),
+                            num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000))), "flow"
     name = scheduler_config.get("prediction_type", "epsilon")
     if name not in PREDICTION_NAMES:
         raise TeacherLoadError(f"unsupported prediction_type {name!r} in the scheduler config; "
@@ -147,40 +167,261 @@ def schedule_and_prediction(scheduler_config: dict):
     return VPSchedule.from_scheduler(scheduler_config), PREDICTION_NAMES[name]
 
 
+# -- one adapter per pipeline class --------------------------------------------------------------------
+def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    """``(B, L)`` ids padded to the tokenizer's ``model_max_length``, as every SD pipeline tokenizes."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+class Family:
+    """What differs between diffusers text-to-image pipeline classes. ``text_encoders`` maps each text
+    encoder's subfolder to its transformers class; its tokenizer lives in the matching ``tokenizer*``."""
+
+    pipeline_class: ClassVar[str] = ""
+    denoiser: ClassVar[tuple[str, str]] = ("UNet2DConditionModel", "unet")  # diffusers class, subfolder
+    text_encoders: ClassVar[dict[str, str]] = {}
+    optional: ClassVar[frozenset[str]] = frozenset()  # text encoders a pipeline may leave out ([null, null])
+    tokenizers: ClassVar[dict[str, str]] = {}         # tokenizer class per text encoder (default CLIPTokenizer)
+
+    def encode(self, teacher: Teacher, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    def empty(self, teacher: Teacher) -> Cond:
+        """CFG's unconditional branch without a negative prompt: the empty prompt, encoded."""
+        return self.encode(teacher, [""])
+
+    def validate(self, teacher: Teacher) -> None:
+        """Refuse, at load time, a pipeline whose components do not fit together."""
+        if getattr(teacher.vae.config, "latents_mean", None) is not None:
+            raise TeacherLoadError(f"{teacher.source!r}: its VAE normalises latents with latents_mean / latents_std, "
+                                   "which diffdistill's encode_images / decode_latents do not apply yet")
+
+    def pipeline_modules(self, teacher: Teacher) -> dict:
+        """The pipeline constructor's arguments besides ``vae``, ``unet`` and ``scheduler`` (for export)."""
+        raise NotImplementedError
+
+
+class UNetFamily(Family):
+    """Pipelines whose UNet cross-attends to the concatenated hidden states of all their text encoders."""
+
+    def validate(self, teacher: Teacher) -> None:
+        super().validate(teacher)
+        width = sum(getattr(teacher, name).config.hidden_size for name in self.text_encoders)
+        unet = teacher.backbone.denoiser.config
+        if unet.cross_attention_dim != width:
+            raise TeacherLoadError(f"{teacher.source!r}: the UNet's cross_attention_dim is {unet.cross_attention_dim} "
+                                   f"but its text encoders give {width}-wide embeddings")
+
+
+class StableDiffusion(UNetFamily):
+    """``StableDiffusionPipeline`` (SD1.x, SD2.x: epsilon or v-prediction): one CLIP text encoder, its last
+    hidden state as the cross-attention input; the empty prompt's embedding for CFG."""
+
+    pipeline_class = "StableDiffusionPipeline"
+    text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "CLIPTextModel"}
+
+    def encode(self, teacher: Teacher, prompts: list[str]) -> Cond:
+        encoder = teacher.text_encoder
+        tok = teacher.tokenizer(prompts, padding="max_length", max_length=teacher.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        mask = tok.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
+        return Cond(encoder(tok.input_ids.to(encoder.device), attention_mask=mask)[0])
+
+    def validate(self, teacher: Teacher) -> None:
+        super().validate(teacher)
+        added = teacher.backbone.denoiser.config.addition_embed_type
+        if added is not None:
+            raise TeacherLoadError(f"{teacher.source!r}: a StableDiffusionPipeline whose UNet expects added "
+                                   f"conditioning {added!r}, which this pipeline never passes")
+
+    def pipeline_modules(self, teacher: Teacher) -> dict:
+        return {"text_encoder": teacher.text_encoder, "tokenizer": teacher.tokenizer, "safety_checker": None,
+                "feature_extractor": None, "requires_safety_checker": False}
+
+
+class StableDiffusionXL(UNetFamily):
+    """``StableDiffusionXLPipeline``: two CLIP text encoders whose penultimate hidden states are concatenated
+    (``embeds``), the second one's projected pooled output (``extra["text_embeds"]``) and the micro-conditioning
+    ``extra["time_ids"] = (H, W, 0, 0, H, W)`` (original size, crop top-left, target size) for the teacher's
+    native image size. Without a negative prompt, CFG's unconditional branch is zeros when the pipeline's
+    ``force_zeros_for_empty_prompt`` is set (SDXL base's default), else the encoded empty prompt."""
+
+    pipeline_class = "StableDiffusionXLPipeline"
+    text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "CLIPTextModel",
+                                               "text_encoder_2": "CLIPTextModelWithProjection"}
+
+    def encode(self, teacher: Teacher, prompts: list[str]) -> Cond:
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((teacher.tokenizer, teacher.text_encoder), (teacher.tokenizer_2, teacher.text_encoder_2)):
+            out = encoder(_token_ids(tokenizer, prompts, encoder.device), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:  # the pipeline's rule: the first (B, D) output is the pooled one
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        embeds = torch.cat(hidden, dim=-1)  # (B, 77, D1 + D2)
+        return Cond(embeds, {"text_embeds": pooled, "time_ids": self.time_ids(teacher, len(prompts)).to(embeds)})
+
+    @staticmethod
+    def time_ids(teacher: Teacher, n: int) -> torch.Tensor:
+        """``(n, 6)``: original size, crop top-left, target size -- the pipeline's defaults at the native size."""
+        side = teacher.image_size
+        return torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).repeat(n, 1)
+
+    def empty(self, teacher: Teacher) -> Cond:
+        if not teacher.pipeline_config.get("force_zeros_for_empty_prompt", True):
+            return self.encode(teacher, [""])
+        cond = self.encode(teacher, [""])
+        return Cond(torch.zeros_like(cond.embeds), {"text_embeds": torch.zeros_like(cond.extra["text_embeds"]),
+                                                    "time_ids": cond.extra["time_ids"]})
+
+    def validate(self, teacher: Teacher) -> None:
+        super().validate(teacher)
+        unet = teacher.backbone.denoiser
+        if unet.config.addition_embed_type != "text_time":
+            raise TeacherLoadError(f"{teacher.source!r}: an SDXL pipeline needs a UNet with addition_embed_type "
+                                   f"'text_time', this one has {unet.config.addition_embed_type!r}")
+        passed = 6 * unet.config.addition_time_embed_dim + teacher.text_encoder_2.config.projection_dim
+        expected = unet.add_embedding.linear_1.in_features
+        if passed != expected:
+            raise TeacherLoadError(f"{teacher.source!r}: the UNet's added embedding takes {expected} features, but 6 "
+                                   f"time ids x {unet.config.addition_time_embed_dim} + the pooled projection "
+                                   f"({teacher.text_encoder_2.config.projection_dim}) give {passed}")
+
+    def pipeline_modules(self, teacher: Teacher) -> dict:
+        return {"text_encoder": teacher.text_encoder, "text_encoder_2": teacher.text_encoder_2,
+                "tokenizer": teacher.tokenizer, "tokenizer_2": teacher.tokenizer_2,
+                "force_zeros_for_empty_prompt": teacher.pipeline_config.get("force_zeros_for_empty_prompt", True)}
+
+
+class StableDiffusion3(Family):
+    """``StableDiffusion3Pipeline`` (SD3 / SD3.5, rectified flow): two CLIP text encoders with projections and
+    an optional T5. ``embeds`` = the CLIP encoders' penultimate hidden states, concatenated and zero-padded to
+    T5's width, followed along the sequence by T5's ``max_sequence_length`` (256) token embeddings -- zeros
+    when the pipeline has no T5; ``extra["text_embeds"]`` = both pooled projections, concatenated (the
+    transformer's ``pooled_projections``). CFG's unconditional branch is the encoded empty prompt."""
+
+    pipeline_class = "StableDiffusion3Pipeline"
+    denoiser = ("SD3Transformer2DModel", "transformer")
+    text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "CLIPTextModelWithProjection",
+                                               "text_encoder_2": "CLIPTextModelWithProjection",
+                                               "text_encoder_3": "T5EncoderModel"}
+    optional: ClassVar[frozenset[str]] = frozenset({"text_encoder_3"})
+    tokenizers: ClassVar[dict[str, str]] = {"text_encoder_3": "AutoTokenizer"}
+    t5_length = 256  # the pipeline's default max_sequence_length
+
+    def encode(self, teacher: Teacher, prompts: list[str]) -> Cond:
+        hidden, pooled = [], []
+        for tokenizer, encoder in ((teacher.tokenizer, teacher.text_encoder), (teacher.tokenizer_2, teacher.text_encoder_2)):
+            out = encoder(_token_ids(tokenizer, prompts, encoder.device), output_hidden_states=True)
+            pooled.append(out[0])
+            hidden.append(out.hidden_states[-2])
+        clip = torch.cat(hidden, dim=-1)  # (B, 77, D1 + D2)
+        t5 = self._t5(teacher, prompts, clip)  # (B, 256, joint_attention_dim)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return Cond(torch.cat([clip, t5], dim=-2), {"text_embeds": torch.cat(pooled, dim=-1)})
+
+    def _t5(self, teacher: Teacher, prompts: list[str], like: torch.Tensor) -> torch.Tensor:
+        if teacher.text_encoder_3 is None:
+            width = teacher.backbone.denoiser.config.joint_attention_dim
+            return torch.zeros(len(prompts), self.t5_length, width, dtype=like.dtype, device=like.device)
+        ids = teacher.tokenizer_3(prompts, padding="max_length", max_length=self.t5_length, truncation=True,
+                                  add_special_tokens=True, return_tensors="pt").input_ids
+        return teacher.text_encoder_3(ids.to(teacher.text_encoder_3.device))[0].to(like)
+
+    def validate(self, teacher: Teacher) -> None:
+        super().validate(teacher)
+        net = teacher.backbone.denoiser.config
+        pooled = teacher.text_encoder.config.projection_dim + teacher.text_encoder_2.config.projection_dim
+        if pooled != net.pooled_projection_dim:
+            raise TeacherLoadError(f"{teacher.source!r}: the transformer's pooled_projection_dim is "
+                                   f"{net.pooled_projection_dim} but the CLIP projections give {pooled}")
+        width = teacher.text_encoder.config.hidden_size + teacher.text_encoder_2.config.hidden_size
+        t5 = net.joint_attention_dim if teacher.text_encoder_3 is None else teacher.text_encoder_3.config.d_model
+        if t5 != net.joint_attention_dim or width > t5:
+            raise TeacherLoadError(f"{teacher.source!r}: the transformer's joint_attention_dim is "
+                                   f"{net.joint_attention_dim}; T5 gives {t5}-wide and the CLIP encoders {width}-wide "
+                                   "embeddings (CLIP must fit inside T5's width)")
+
+    def pipeline_modules(self, teacher: Teacher) -> dict:
+        return {"text_encoder": teacher.text_encoder, "text_encoder_2": teacher.text_encoder_2,
+                "text_encoder_3": teacher.text_encoder_3, "tokenizer": teacher.tokenizer,
+                "tokenizer_2": teacher.tokenizer_2, "tokenizer_3": teacher.tokenizer_3}
+
+
+FAMILIES: dict[str, Family] = {f.pipeline_class: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}
+SUPPORTED_PIPELINES = tuple(FAMILIES)
+
+
+def _present(index: dict, name: str) -> bool:
+    """A pipeline folder names each component as ``[library, class]``; ``[null, null]`` means absent."""
+    entry = index.get(name)
+    return isinstance(entry, list) and entry[0] is not None
+
+
+def _text_components(family: Family, index: dict, path: str, load) -> tuple[dict, dict]:
+    """``(text encoders, tokenizers)`` by text encoder name; an optional one the folder lacks is None."""
+    import transformers
+
+    encoders, tokenizers = {}, {}
+    for name, klass in family.text_encoders.items():
+        if not _present(index, name):
+            if name not in family.optional:
+                raise TeacherLoadError(f"{path!r} ({family.pipeline_class}) has no {name}; diffdistill needs it")
+            encoders[name] = tokenizers[name] = None
+            continue
+        encoders[name] = load(getattr(transformers, klass), name)
+        tokenizer_class = getattr(transformers, family.tokenizers.get(name, "CLIPTokenizer"))
+        tokenizers[name] = tokenizer_class.from_pretrained(path, subfolder=name.replace("text_encoder", "tokenizer"))
+    return encoders, tokenizers
+
+
 def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Teacher:
     """Load a diffusers text-to-image pipeline (hub id or local folder) as a frozen :class:`Teacher`.
 
     Weights load as safetensors only. Every module is put in eval mode with ``requires_grad=False``.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    import diffusers
+    from diffusers import AutoencoderKL, DDPMScheduler
 
     path = str(path)
     index = read_model_index(path)
     cls = index.get("_class_name")
-    if cls not in SUPPORTED_PIPELINES:
+    if cls not in FAMILIES:
         raise TeacherLoadError(f"{path!r} is a {cls}; supported pipelines: {SUPPORTED_PIPELINES}")
+    family = FAMILIES[cls]
 
     def load(klass, subfolder):
         return klass.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True)
 
     scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
     schedule, pred_type = schedule_and_prediction(scheduler_config)
-    unet = load(UNet2DConditionModel, "unet")
+    denoiser = load(getattr(diffusers, family.denoiser[0]), family.denoiser[1])
     vae = load(AutoencoderKL, "vae")
-    text_encoder = load(CLIPTextModel, "text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False).eval().to(device)
-    return Teacher(backbone=DiffusionBackbone(unet, schedule, pred_type), tokenizer=tokenizer,
-                   text_encoder=text_encoder, vae=vae, scheduler_config=scheduler_config, source=path,
-                   pipeline_class=cls)
+    encoders, tokenizers = _text_components(family, index, path, load)
+    for module in (denoiser, vae, *encoders.values()):
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
+    settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    teacher = Teacher(backbone=DiffusionBackbone(denoiser, schedule, pred_type), tokenizer=tokenizers["text_encoder"],
+                      text_encoder=encoders["text_encoder"], vae=vae, scheduler_config=scheduler_config, source=path,
+                      pipeline_class=cls, tokenizer_2=tokenizers.get("text_encoder_2"),
+                      text_encoder_2=encoders.get("text_encoder_2"), tokenizer_3=tokenizers.get("text_encoder_3"),
+                      text_encoder_3=encoders.get("text_encoder_3"), pipeline_config=settings)
+    family.validate(teacher)
+    return teacher
 
 
 def sampling_grid(teacher: Teacher, num_steps: int) -> torch.Tensor:
-    """The ``num_steps + 1`` times at which the teacher's own DDIM configuration samples
-    (its ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one``)."""
+    """The ``num_steps + 1`` times at which the teacher's own DDIM configuration samples (its
+    ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one``); for a flow teacher, the sigmas its own
+    ``FlowMatchEulerDiscreteScheduler`` sets (shift, ``shift_terminal``, ... as configured)."""
     cfg = teacher.scheduler_config
+    if isinstance(teacher.backbone.schedule, FlowSchedule):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        scheduler.set_timesteps(num_steps)
+        return scheduler.sigmas.double()
     return teacher.backbone.schedule.grid(num_steps, spacing=cfg.get("timestep_spacing", "leading"),
                                           steps_offset=int(cfg.get("steps_offset", 0)),
                                           final="clean" if cfg.get("set_alpha_to_one", True) else "first")

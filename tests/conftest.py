@@ -44,6 +44,114 @@ def build_tiny_sd(folder, prediction_type: str = "epsilon", seed: int = 0):
     return str(folder)
 
 
+def _clip_config(**overrides):
+    """A tiny CLIP text-encoder config over the real CLIP vocabulary (3 layers, width 32)."""
+    from transformers import CLIPTextConfig
+
+    from diffdistill.tokenizers import VOCAB_SIZE
+
+    return CLIPTextConfig(**{"vocab_size": VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 64,
+                             "num_hidden_layers": 3, "num_attention_heads": 4, "max_position_embeddings": 77,
+                             "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407, **overrides})
+
+
+def build_tiny_sdxl(folder, prediction_type: str = "epsilon", seed: int = 0, force_zeros: bool = True):
+    """A random-init StableDiffusionXLPipeline (16x16 images, 8x8x4 latents) saved to ``folder``: two CLIP
+    text encoders (the second with a projection, its tokenizer padding with '!' as SDXL's does), a UNet with
+    SDXL's ``text_time`` added conditioning and two transformer layers in its inner block, SDXL's VAE scaling
+    and EulerDiscreteScheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from diffdistill.tokenizers import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), use_linear_projection=True, attention_head_dim=(2, 4),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+        cross_attention_dim=32 + 32, norm_num_groups=32)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=16, scaling_factor=0.13025, force_upcast=True)
+    text_encoder = CLIPTextModel(_clip_config())
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(projection_dim=16, hidden_act="gelu"))
+    with tempfile.TemporaryDirectory() as bpe_dir:
+        tokenizer = build_clip_tokenizer(bpe_dir)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(bpe_dir, model_max_length=77, pad_token="!")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=force_zeros, add_watermarker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+def tiny_t5_tokenizer():
+    """A T5 tokenizer over a tiny unigram vocabulary (lower-case letters and digits, with and without the word
+    marker), built offline with ``tokenizers``: ``<pad>`` 0, ``</s>`` 1 appended to every sequence, ``<unk>`` 2."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return transformers.T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        extra_ids=0)
+
+
+def build_tiny_sd3(folder, seed: int = 0):
+    """A random-init StableDiffusion3Pipeline (16x16 images, 8x8x16 latents) saved to ``folder``: two CLIP text
+    encoders with projections, a one-layer T5 encoder over a tiny vocabulary (:func:`tiny_t5_tokenizer`), an
+    SD3Transformer2DModel with patch size 1, SD3's VAE scaling and shift, FlowMatchEulerDiscreteScheduler with
+    SD3's shift 3."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from diffdistill.tokenizers import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=16)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        sample_size=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    text_encoder = CLIPTextModelWithProjection(_clip_config(projection_dim=16))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(projection_dim=16, hidden_act="gelu"))
+    with tempfile.TemporaryDirectory() as bpe_dir:
+        tokenizer = build_clip_tokenizer(bpe_dir)
+        tokenizer_2 = build_clip_tokenizer(bpe_dir)
+    tokenizer_3 = tiny_t5_tokenizer()
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_ff=64, d_kv=8, num_layers=1,
+                                             num_heads=2, relative_attention_num_buckets=8))
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
 @pytest.fixture()
 def one_thread():
     """Small shapes run best on one intra-op thread; two threads on a busy 2-core machine were measured
@@ -64,6 +172,18 @@ def tiny_sd(tmp_path_factory) -> str:
 def tiny_sd_v(tmp_path_factory) -> str:
     """The same architecture with v-prediction (SD2.1-style)."""
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    """Path of a tiny SDXL pipeline folder (epsilon, force_zeros_for_empty_prompt), built once per session."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> str:
+    """Path of a tiny SD3 pipeline folder (rectified flow, shift 3, with a tiny T5), built once per session."""
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
 
 
 @pytest.fixture(scope="session")

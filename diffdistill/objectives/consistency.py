@@ -51,7 +51,7 @@ import torch
 
 from ..backbone import DiffusionBackbone
 from ..config import ConfigError, _check
-from ..schedule import to_x0_eps
+from ..schedule import VPSchedule, to_x0_eps
 from ..student import Student
 from . import functional as fn
 from .base import Batch, LossOut, Objective, ObjectiveConfig, Phase
@@ -83,9 +83,7 @@ class LCMConfig(ObjectiveConfig):
                f"must be in [0, 1), got {self.empty_prompt_prob}")
 
     def validate_run(self, config) -> None:
-        if config.data.images is None:
-            raise ConfigError("data.images", f"objective {self.name!r} noises real images: set data.images "
-                              "(e.g. 'digits', an image folder or webdataset shards)")
+        self.check_images(config, "noises real images (an image folder or webdataset shards also do)")
 
 
 class ConsistencyDistillation(Objective):
@@ -95,6 +93,10 @@ class ConsistencyDistillation(Objective):
 
     def __init__(self, cfg, teacher, student: Student, prompt_pool: list[str]):
         super().__init__()
+        if not isinstance(teacher.backbone.schedule, VPSchedule):
+            raise ConfigError("teacher.path", f"{cfg.name} distils along a VP (DDPM-family) teacher's DDIM grid; this "
+                              f"teacher is a {type(teacher.backbone.schedule).__name__} model, for which no flow "
+                              "consistency variant is implemented yet")
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.target = None
         if student.adapter is None:  # full student: an EMA copy, not trained by any optimizer

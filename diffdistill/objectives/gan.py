@@ -53,13 +53,13 @@ def fourier(t: torch.Tensor, dim: int = FOURIER_DIM) -> torch.Tensor:
 class DenoiserFeatures:
     """A diffusion denoiser as the feature network (run under ``adapter``; ``None``: adapters off, the frozen
     teacher): inputs are noised at ``noise`` times first; ``levels`` of :meth:`DiffusionBackbone.features`
-    (``None``: all)."""
+    (``None``: one per block, :meth:`DiffusionBackbone.feature_levels`)."""
 
     def __init__(self, backbone, adapter: str | None, levels, noise: tuple = ("uniform", 0.0, 1.0)):
         if noise[0] not in NOISE_KINDS:
             raise ValueError(f"unknown discriminator noise {noise[0]!r}; choose one of {NOISE_KINDS}")
         self.backbone, self.adapter, self.noise = backbone, adapter, noise
-        self.levels = None if levels is None else tuple(levels)
+        self.levels = backbone.feature_levels() if levels is None else tuple(levels)
 
     def prepare(self, batch: Batch, x: torch.Tensor):
         """``(x_t, t)``: latents ``x`` noised at this network's noise levels, one draw per sample."""
