@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import TINY_PROMPTS
 from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, StableDiffusionXLPipeline
+from test_trainer import TINY
 
 from diffdistill import lora
 from diffdistill.config import StudentConfig, load_config
@@ -32,9 +33,6 @@ from diffdistill.lora import LoraFileError
 from diffdistill.pipeline import TeacherLoadError, load_teacher
 from diffdistill.sampling import generate
 from diffdistill.student import Student, build_student
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny" / "regression.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +198,8 @@ OBJECTIVE_CASES = {
     "dmd2": ["objective={name: dmd2, student_every: 1}", "data.images=digits", "student.timesteps=[1.0]"],
     "lcm": ["objective={name: lcm}", "data.images=digits"],
     "ladd": ["objective={name: ladd, num_pairs: 4, teacher_steps: 2}"],  # heads on each backbone's features
+    "add": ["objective={name: add, r1: approx}", "data.images=digits", "student.timesteps=[1.0]"],
+    "snoopi": ["objective={name: snoopi, fake_lora_rank: 4}", "student.timesteps=[1.0]"],  # a LoRA fake score
 }
 
 
@@ -210,8 +210,9 @@ def _run(teacher_path, run, objective, *extra):
                              "train.sample_every=1000", "train.lr=1e-2", *OBJECTIVE_CASES[objective], *extra])
     trainer = Trainer(cfg)
     before = {k: p.detach().clone() for k, p in trainer.teacher.backbone.denoiser.named_parameters()}
+    before_student = {k: p.detach().clone() for k, p in trainer.student.named_parameters_to_train().items()}
     trainer.run()
-    return trainer, before
+    return trainer, before, before_student
 
 
 # LCM's consistency grid is made of VP timesteps: on a flow teacher it stops at set-up (the test below)
@@ -222,15 +223,16 @@ TRAIN_CASES = [(b, o) for b in ("tiny_sd_v", "tiny_sdxl", "tiny_sd3") for o in O
 @pytest.mark.parametrize("backbone,objective", TRAIN_CASES)
 def test_objectives_train_on_every_backbone(request, tmp_path, backbone, objective, one_thread):
     path = request.getfixturevalue(backbone)
-    trainer, before = _run(path, tmp_path / "run", objective)
+    trainer, before, before_student = _run(path, tmp_path / "run", objective)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {r["phase"] for r in records} == {p.name for p in trainer.phases}
     assert all(not r.get("skipped") and math.isfinite(r["grad_norm"]) for r in records)
     after = dict(trainer.teacher.backbone.denoiser.named_parameters())
-    assert all(torch.equal(after[k], v) for k, v in before.items())  # the teacher never moves
+    # the teacher never moves (a LoRA fake score, SNOOPI's, rides on its network and does)
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "lora" not in k)
     _, student, _ = load_run_student(tmp_path / "run")
     teacher = trainer.teacher
-    moved = [k for k, p in student.named_parameters_to_train().items() if not torch.equal(p, before[k])]
+    moved = [k for k, p in student.named_parameters_to_train().items() if not torch.equal(p, before_student[k])]
     assert moved, "the student did not train"
     assert (tmp_path / "run" / "final" / "model_index.json").is_file()
     assert read_recipe(tmp_path / "run" / "final")["base_pipeline"] == teacher.pipeline_class

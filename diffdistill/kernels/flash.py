@@ -45,6 +45,40 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
+def _visit_count(CNT, own, N_ALL, SPARSE: tl.constexpr):
+    """How many tiles of the other axis program ``own`` (= bh * its axis' tile count + its tile) visits."""
+    n = N_ALL
+    if SPARSE:
+        n = tl.load(CNT + own)
+    return n
+
+
+@triton.jit
+def _visited_tile(IDX, own, N_ALL, i, SPARSE: tl.constexpr):
+    """The index of the ``i``-th tile program ``own`` visits: ``i`` itself when dense, else from its list."""
+    j = i
+    if SPARSE:
+        j = tl.load(IDX + own * N_ALL + i)
+    return j
+
+
+@triton.jit
+def _key_columns(KEEP, b, j, NK, BLOCK_N: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """Key tile ``j``: its columns, and which of them exist and are kept by the padding mask."""
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < NK
+    if HAS_KEEP:
+        col_ok = col_ok & (tl.load(KEEP + b * NK + cols, mask=cols < NK, other=0) != 0)
+    return cols, col_ok
+
+
+@triton.jit
+def _load_tile(PTR, b, h, sb, sh, sn, idx, dims, mask):
+    """Rows ``idx`` of head ``(b, h)`` of a strided ``(B, H, N, D)`` tensor (masked entries 0)."""
+    return tl.load(PTR + b * sb + h * sh + idx[:, None] * sn + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KEEP, KIDX, KCNT,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 H, NQ, NK, D, NQB, NKB, scale_log2,
@@ -58,25 +92,16 @@ def _fwd_kernel(Q, K, V, O, LSE, KEEP, KIDX, KCNT,
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < NQ
     dim_ok = dims < D
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = _load_tile(Q, b, h, sqb, sqh, sqn, rows, dims, row_ok[:, None] & dim_ok[None, :])
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_visit = NKB
-    if SPARSE:
-        n_visit = tl.load(KCNT + bh * NQB + pid_m)
-    for i in range(n_visit):
-        j = i
-        if SPARSE:
-            j = tl.load(KIDX + (bh * NQB + pid_m) * NKB + i)
-        cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < NK
-        if HAS_KEEP:
-            col_ok = col_ok & (tl.load(KEEP + b * NK + cols, mask=cols < NK, other=0) != 0)
+    own = bh * NQB + pid_m
+    for i in range(_visit_count(KCNT, own, NKB, SPARSE)):
+        cols, col_ok = _key_columns(KEEP, b, _visited_tile(KIDX, own, NKB, i, SPARSE), NK, BLOCK_N, HAS_KEEP)
         kv_mask = (cols < NK)[:, None] & dim_ok[None, :]
-        k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :], mask=kv_mask, other=0.0)
+        k = _load_tile(K, b, h, skb, skh, skn, cols, dims, kv_mask)
+        v = _load_tile(V, b, h, svb, svh, svn, cols, dims, kv_mask)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (BM, BN), log2 units
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -102,29 +127,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEEP, QIDX, QCNT,
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     dim_ok = dims < D
-    col_ok = cols < NK
-    kv_mask = col_ok[:, None] & dim_ok[None, :]
-    if HAS_KEEP:
-        col_ok = col_ok & (tl.load(KEEP + b * NK + cols, mask=cols < NK, other=0) != 0)
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :], mask=kv_mask, other=0.0)
+    cols, col_ok = _key_columns(KEEP, b, pid_n, NK, BLOCK_N, HAS_KEEP)
+    kv_mask = (cols < NK)[:, None] & dim_ok[None, :]
+    k = _load_tile(K, b, h, skb, skh, skn, cols, dims, kv_mask)
+    v = _load_tile(V, b, h, svb, svh, svn, cols, dims, kv_mask)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    n_visit = NQB
-    if SPARSE:
-        n_visit = tl.load(QCNT + bh * NKB + pid_n)
-    for i in range(n_visit):
-        j = i
-        if SPARSE:
-            j = tl.load(QIDX + (bh * NKB + pid_n) * NQB + i)
-        rows = j * BLOCK_M + tl.arange(0, BLOCK_M)
+    own = bh * NKB + pid_n
+    for i in range(_visit_count(QCNT, own, NQB, SPARSE)):
+        rows = _visited_tile(QIDX, own, NQB, i, SPARSE) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < NQ
         q_mask = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :], mask=q_mask, other=0.0)
+        q = _load_tile(Q, b, h, sqb, sqh, sqn, rows, dims, q_mask)
+        do = _load_tile(DO, b, h, sdb, sdh, sdn, rows, dims, q_mask)
         lse = tl.load(LSE + bh * NQ + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * NQ + rows, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
@@ -153,25 +170,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEEP, KIDX, KCNT,
     row_ok = rows < NQ
     dim_ok = dims < D
     q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :], mask=q_mask, other=0.0)
+    q = _load_tile(Q, b, h, sqb, sqh, sqn, rows, dims, q_mask)
+    do = _load_tile(DO, b, h, sdb, sdh, sdn, rows, dims, q_mask)
     lse = tl.load(LSE + bh * NQ + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * NQ + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_visit = NKB
-    if SPARSE:
-        n_visit = tl.load(KCNT + bh * NQB + pid_m)
-    for i in range(n_visit):
-        j = i
-        if SPARSE:
-            j = tl.load(KIDX + (bh * NQB + pid_m) * NKB + i)
-        cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < NK
-        if HAS_KEEP:
-            col_ok = col_ok & (tl.load(KEEP + b * NK + cols, mask=cols < NK, other=0) != 0)
+    own = bh * NQB + pid_m
+    for i in range(_visit_count(KCNT, own, NKB, SPARSE)):
+        cols, col_ok = _key_columns(KEEP, b, _visited_tile(KIDX, own, NKB, i, SPARSE), NK, BLOCK_N, HAS_KEEP)
         kv_mask = (cols < NK)[:, None] & dim_ok[None, :]
-        k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :], mask=kv_mask, other=0.0)
+        k = _load_tile(K, b, h, skb, skh, skn, cols, dims, kv_mask)
+        v = _load_tile(V, b, h, svb, svh, svn, cols, dims, kv_mask)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -203,17 +212,9 @@ def _jvp_kernel(Q, K, V, TQ, TK, TV, O, LSE, TO, KEEP, KIDX, KCNT,
     acc_pdv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # P dV
     acc_dsv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # (P * dS) V
     r = tl.zeros([BLOCK_M], tl.float32)                  # rowsum(P * dS)
-    n_visit = NKB
-    if SPARSE:
-        n_visit = tl.load(KCNT + bh * NQB + pid_m)
-    for i in range(n_visit):
-        j = i
-        if SPARSE:
-            j = tl.load(KIDX + (bh * NQB + pid_m) * NKB + i)
-        cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < NK
-        if HAS_KEEP:
-            col_ok = col_ok & (tl.load(KEEP + b * NK + cols, mask=cols < NK, other=0) != 0)
+    own = bh * NQB + pid_m
+    for i in range(_visit_count(KCNT, own, NKB, SPARSE)):
+        cols, col_ok = _key_columns(KEEP, b, _visited_tile(KIDX, own, NKB, i, SPARSE), NK, BLOCK_N, HAS_KEEP)
         kv_mask = (cols < NK)[:, None] & dim_ok[None, :]
         kv_off = (bh * NK + cols[:, None]) * D + dims[None, :]
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
