@@ -3,8 +3,10 @@
 Sections: ``teacher``, ``student``, ``objective`` (parsed by the chosen objective's own nested
 ``Config`` dataclass), ``data``, ``train``, ``eval``, ``attention``. Unknown keys (with a
 did-you-mean), wrong types and impossible values are rejected with the dotted key named, before any
-model is loaded. CFG scales follow diffusers' convention (1 = no guidance); a paper's
-``(1 + w) cond - w uncond`` is written here as ``w + 1``.
+model is loaded. CFG scales follow diffusers' convention (1 = no guidance): ``uncond + s (cond - uncond)``.
+A number a paper or script gives in Ho & Salimans' form ``(1 + w) cond - w uncond`` (w = 0: none) can be
+written as it was published with the YAML tag ``!ho_salimans w`` (in files and in overrides): it is converted
+to the diffusers scale ``w + 1`` as the config is read, never inside the maths.
 """
 
 from __future__ import annotations
@@ -249,6 +251,29 @@ def build_section(cls, data: dict | None, prefix: str):
     return obj
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` plus the ``!ho_salimans`` tag (see the module docstring)."""
+
+
+def _ho_salimans(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+    text = loader.construct_scalar(node)
+    try:
+        w = float(text)
+    except ValueError:
+        raise ConfigError(f"!ho_salimans {text}", "takes a number, the guidance weight w of (1 + w) cond - w uncond") from None
+    if w < 0:
+        raise ConfigError(f"!ho_salimans {text}", "w must be >= 0 (w = 0: no guidance)")
+    return w + 1.0
+
+
+_ConfigLoader.add_constructor("!ho_salimans", _ho_salimans)
+
+
+def parse_yaml(text: str):
+    """YAML as configs read it: safe types only, plus ``!ho_salimans w`` -> ``w + 1``."""
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def apply_override(raw: dict, override: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to the nested dict ``raw``."""
     if "=" not in override:
@@ -259,7 +284,7 @@ def apply_override(raw: dict, override: str) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         _check(isinstance(node, dict), key, "cannot set a sub-key of a non-mapping value")
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = parse_yaml(value)
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -292,7 +317,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(str(path), "the YAML file must hold a mapping of sections")
     for override in overrides:

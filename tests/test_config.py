@@ -75,3 +75,32 @@ def test_every_shipped_config_loads(monkeypatch):
     for path in paths:
         cfg = load_config(path)
         assert cfg.train.output_dir.startswith("runs/"), path
+
+
+def test_ho_salimans_guidance_is_converted_at_load(tmp_path):
+    """A published (1 + w) cond - w uncond weight, written with its tag, becomes the diffusers scale w + 1."""
+    text = "objective:\n  name: dmd2\n  real_guidance: !ho_salimans 0.75\n  gan_weight: 0\n  disc_weight: 0\n"
+    cfg = load_config(_write(tmp_path, text))
+    assert cfg.objective.real_guidance == 1.75
+    assert "ho_salimans" not in dump_config(cfg)  # the resolved config holds the converted number
+    cfg = load_config(_write(tmp_path, BASE), ["objective.guidance=!ho_salimans 7"])
+    assert cfg.objective.guidance == 8.0
+    with pytest.raises(ConfigError, match="takes a number"):
+        load_config(_write(tmp_path, BASE), ["objective.guidance=!ho_salimans seven"])
+    with pytest.raises(ConfigError, match="w must be >= 0"):
+        load_config(_write(tmp_path, BASE), ["objective.guidance=!ho_salimans -1"])
+    lcm = load_config(Path(__file__).resolve().parents[1] / "configs" / "lcm" / "sd15_lora.yaml").objective
+    assert (lcm.w_min, lcm.w_max) == (6.0, 16.0)  # diffusers' LCM-LoRA script: w ~ U[5, 15] in that form
+
+
+def test_diffusers_scale_w_plus_1_is_ho_salimans_w(tiny_teacher):
+    """The conversion is right for our maths: backbone.cfg at scale w + 1 = (1 + w) eps(cond) - w eps(uncond)."""
+    import torch
+
+    bb, w = tiny_teacher.backbone, 0.75
+    x = torch.randn(2, *tiny_teacher.latent_shape, generator=torch.Generator().manual_seed(0))
+    cond, uncond = tiny_teacher.encode_prompt(["a handwritten digit 3"] * 2), tiny_teacher.empty_cond(2)
+    with torch.no_grad():
+        ours = bb.cfg(x, 0.6, cond, uncond, w + 1.0, out="eps")
+        ho_salimans = (1 + w) * bb(x, 0.6, cond, out="eps") - w * bb(x, 0.6, uncond, out="eps")
+    assert torch.allclose(ours, ho_salimans, atol=1e-5)
