@@ -212,3 +212,53 @@ def test_adversarial_configs_are_checked(tiny_sd, tmp_path):
             ladd.distill_weight) == ("teacher", "hinge", "logit_normal", 1.0, 1.0, 0.7, 0.0)
     add = load_config(TINY, ["objective={name: add}", "data.images=digits"]).objective  # ADD's
     assert (add.data, add.r1, add.r1_weight, add.distill_weight, add.first_step_prob) == ("images", "exact", 1e-5, 2.5, None)
+
+
+def test_discriminator_noise_levels(one_thread):
+    """LADD's logit-normal times t = sigmoid(m + s n) from each sample's own draw; DMD2's uniform U[lo, hi)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from diffdistill.objectives.gan import DenoiserFeatures
+    from diffdistill.schedule import VPSchedule
+
+    sched = VPSchedule.from_scheduler(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    backbone = SimpleNamespace(schedule=sched)
+    x = torch.zeros(400, 4, 2, 2)
+    _, t = DenoiserFeatures(backbone, None, ("mid",), ("logit_normal", 1.0, 1.0)).prepare(micro_batch(["p"], 400, 0, 3), x)
+    n = micro_batch(["p"], 400, 0, 3).randn()
+    assert torch.allclose(t, torch.sigmoid(1.0 + n.double()))
+    assert abs(t.median().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.03  # shifted to high noise
+    _, t = DenoiserFeatures(backbone, None, ("mid",), ("uniform", 0.0, 0.5)).prepare(micro_batch(["p"], 400, 0, 3), x)
+    assert torch.allclose(t, 0.5 * micro_batch(["p"], 400, 0, 3).rand().double()) and t.max() < 0.5
+
+
+def test_add_distillation_target_and_weight(tiny_sd, tmp_path, monkeypatch, one_thread):
+    """ADD's term: the teacher guided at distill_guidance at a noised copy of the output, weighted c(t) = alpha_t."""
+    from diffdistill.backbone import DiffusionBackbone
+
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", "{name: add, distill_guidance: 3.0}", "data.images=digits",
+                           "student.timesteps=[1.0]"))
+    seen = {}
+    cfg = DiffusionBackbone.cfg
+
+    def spy_cfg(self, x_t, t, cond, uncond, scale, out="x0"):
+        seen["t"], seen["scale"] = t, scale
+        seen["target"] = cfg(self, x_t, t, cond, uncond, scale, out)
+        return seen["target"]
+
+    real_loss = fn.add_distillation_loss
+
+    def spy_loss(x, target, weight):
+        seen["weight"], seen["loss_target"] = weight, target
+        return real_loss(x, target, weight)
+
+    monkeypatch.setattr(DiffusionBackbone, "cfg", spy_cfg)
+    monkeypatch.setattr(fn, "add_distillation_loss", spy_loss)
+    out = trainer.objective.loss("student", micro_batch(trainer.prompts, 2, 0, 0, images=trainer.images), 0)
+    sched = trainer.teacher.backbone.schedule
+    assert seen["scale"] == 3.0 and torch.equal(seen["loss_target"], seen["target"])
+    assert ((seen["t"] >= 0.02) & (seen["t"] < 0.98)).all()
+    assert torch.allclose(seen["weight"], sched.alpha(seen["t"]))
+    assert torch.isfinite(out.terms["distillation"])

@@ -44,7 +44,7 @@ import torch
 from ..config import _check
 from ..student import Student
 from . import functional as fn
-from .base import Batch, LossOut, Objective, ObjectiveConfig, Phase
+from .base import Batch, LossOut, Objective, ObjectiveConfig, Phase, noised
 from .gan import (
     LOSSES,
     NOISE_KINDS,
@@ -181,8 +181,7 @@ class LADD(Objective):
     def distillation(self, batch: Batch, x: torch.Tensor, cond) -> torch.Tensor:
         """ADD eq. 4-5: ``alpha_t ||x - x0_teacher(sg(x_t), t)||^2``."""
         c, sched = self.cfg, self.teacher.backbone.schedule
-        t = (c.min_t + (c.max_t - c.min_t) * batch.rand()).double().to(x.device)
-        x_t = sched.add_noise(x.detach(), batch.randn(*x.shape[1:]).to(x), t)
+        x_t, t, _ = noised(batch, sched, x.detach(), c.min_t, c.max_t)
         with torch.no_grad(), self.teacher.backbone.adapter(None):
             target = self.teacher.backbone.cfg(x_t, t, cond, self.teacher.empty_cond(len(batch)), c.distill_guidance)
         return fn.add_distillation_loss(x, target, sched.alpha(t))

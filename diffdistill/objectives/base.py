@@ -20,6 +20,14 @@ class Phase:
     lr: float | None = None  # this phase's learning rate; None: ``train.lr``
 
 
+def noised(batch: Batch, schedule, x: torch.Tensor, lo: float, hi: float):
+    """``(x_t, t, eps)``: ``x`` noised by ``schedule`` at ``t ~ U[lo, hi)``, one draw of ``t`` then of ``eps`` per
+    sample (the per-sample generators of ``batch``)."""
+    t = (lo + (hi - lo) * batch.rand()).double().to(x.device)
+    eps = batch.randn(*x.shape[1:]).to(x)
+    return schedule.add_noise(x, eps, t), t, eps
+
+
 @dataclass
 class LossOut:
     total: torch.Tensor                       # the scalar to backpropagate

@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..nets import FeatureDiscriminator
 from . import functional as fn
-from .base import Batch
+from .base import Batch, noised
 
 LOSSES = {"nonsaturating": (fn.gan_generator_loss, fn.gan_discriminator_loss),
           "hinge": (fn.hinge_generator_loss, fn.hinge_discriminator_loss)}
@@ -64,10 +64,11 @@ class DenoiserFeatures:
     def prepare(self, batch: Batch, x: torch.Tensor):
         """``(x_t, t)``: latents ``x`` noised at this network's noise levels, one draw per sample."""
         kind, a, b = self.noise
-        u = batch.rand() if kind == "uniform" else batch.randn()
-        t = (a + (b - a) * u if kind == "uniform" else torch.sigmoid(a + b * u.double())).double().to(x.device)
-        eps = batch.randn(*x.shape[1:]).to(x)
-        return self.backbone.schedule.add_noise(x, eps, t), t
+        if kind == "uniform":
+            x_t, t, _ = noised(batch, self.backbone.schedule, x, a, b)
+            return x_t, t
+        t = torch.sigmoid(a + b * batch.randn().double()).to(x.device)
+        return self.backbone.schedule.add_noise(x, batch.randn(*x.shape[1:]).to(x), t), t
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> dict[str, torch.Tensor]:
         with self.backbone.adapter(self.adapter):

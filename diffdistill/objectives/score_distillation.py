@@ -19,7 +19,7 @@ from .. import lora
 from ..backbone import DiffusionBackbone
 from ..config import _check
 from ..student import Student
-from .base import Batch, Objective, ObjectiveConfig
+from .base import Batch, Objective, ObjectiveConfig, noised
 
 FAKE_ADAPTER = "fake_score"
 
@@ -92,7 +92,5 @@ class ScoreDistillation(Objective):
             return self.student(x, ts[k], cond, out="x0")
 
     def noised(self, batch: Batch, x: torch.Tensor, lo: float, hi: float):
-        """``(x_t, t, eps)``: ``x`` noised at ``t ~ U[lo, hi)`` per sample."""
-        t = (lo + (hi - lo) * batch.rand()).double().to(x.device)
-        eps = batch.randn(*x.shape[1:]).to(x)
-        return self.teacher.backbone.schedule.add_noise(x, eps, t), t, eps
+        """``(x_t, t, eps)``: ``x`` noised by the teacher's schedule at ``t ~ U[lo, hi)`` per sample."""
+        return noised(batch, self.teacher.backbone.schedule, x, lo, hi)
