@@ -3,9 +3,11 @@
 :class:`DiffusionBackbone` hides the network's native prediction type and its timestep convention:
 objectives call ``backbone(x_t, t, cond, out="x0")`` with continuous ``t in [0, 1]`` and get whichever
 prediction they ask for. :class:`Cond` carries the conditioning: prompt embeddings, plus in ``extra``
-SDXL's pooled ``text_embeds`` and ``time_ids`` or SD3's pooled projections (``text_embeds``). How the
-denoiser is called -- a UNet (``added_cond_kwargs``) or an SD3-style MM-DiT (``pooled_projections``) --
-is decided here, in :meth:`DiffusionBackbone._denoise`, and nowhere else.
+SDXL's pooled ``text_embeds`` and ``time_ids`` or SD3's / FLUX's pooled projections (``text_embeds``). How
+the denoiser is called -- a UNet (``added_cond_kwargs``), an SD3-style MM-DiT (``pooled_projections``) or
+FLUX's transformer (2x2-packed latent tokens with their position ids, timesteps in ``[0, 1]``, a guidance
+embedding) -- is decided here, in :meth:`DiffusionBackbone._denoise`, and nowhere else: every caller sees
+latents ``(B, C, H, W)``.
 """
 
 from __future__ import annotations
@@ -90,6 +92,29 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 ADDED_CONDITIONING = {"text_time": ("text_embeds", "time_ids")}
 
 
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """FLUX's token layout: ``(B, C, H, W)`` -> ``(B, H/2 * W/2, 4 C)``, each token one 2x2 patch (channel-major
+    within the patch), tokens in row-major order -- as ``FluxPipeline._pack_latents``."""
+    B, C, H, W = x.shape
+    if H % 2 or W % 2:
+        raise ValueError(f"FLUX packs 2x2 latent patches: latent height and width must be even, got {H}x{W}")
+    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents` for latents of side ``height`` x ``width``."""
+    B, _, D = tokens.shape
+    x = tokens.view(B, height // 2, width // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, D // 4, height, width)
+
+
+def flux_image_ids(height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """``(H/2 * W/2, 3)`` rotary position ids of FLUX's packed latent tokens: ``(0, row, column)``."""
+    rows = torch.arange(height // 2, device=device).repeat_interleave(width // 2)
+    cols = torch.arange(width // 2, device=device).repeat(height // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)
+
+
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the requested features are captured."""
 
@@ -118,7 +143,7 @@ class DiffusionBackbone(nn.Module):
         if cfg is None:
             raise TypeError(f"signature() needs a diffusers model with a config, got {type(self.denoiser).__name__}")
         width = cfg.get("cross_attention_dim", cfg.get("joint_attention_dim"))
-        return {"denoiser": type(self.denoiser).__name__, "latent_channels": cfg.get("in_channels"),
+        return {"denoiser": type(self.denoiser).__name__, "latent_channels": self.latent_channels,
                 "out_channels": cfg.get("out_channels"), "cross_attention_dim": width,
                 "addition_embed_type": cfg.get("addition_embed_type")}
 
@@ -139,9 +164,47 @@ class DiffusionBackbone(nn.Module):
         return getattr(getattr(self.denoiser, "config", None), "time_cond_proj_dim", None)
 
     @property
+    def is_flux(self) -> bool:
+        """FLUX's transformer (``FluxTransformer2DModel``): 2x2-packed latent tokens with rotary position ids."""
+        return getattr(getattr(self.denoiser, "config", None), "axes_dims_rope", None) is not None
+
+    @property
     def is_mmdit(self) -> bool:
-        """An SD3-style MM-DiT (``SD3Transformer2DModel``): patch tokens, joint attention, pooled projections."""
+        """A transformer over latent tokens with joint text-image attention and pooled projections: SD3's
+        ``SD3Transformer2DModel`` or FLUX's ``FluxTransformer2DModel``."""
         return getattr(getattr(self.denoiser, "config", None), "pooled_projection_dim", None) is not None
+
+    @property
+    def token_stride(self) -> int:
+        """Latent pixels per image token side: the patch size (SD3), 2 (FLUX's packing); 1 for UNets."""
+        if self.is_flux:
+            return 2 * self.denoiser.config.patch_size
+        return self.denoiser.config.patch_size if self.is_mmdit else 1
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents ``(B, C, H, W)`` this backbone takes (FLUX's transformer sees 4 C packed)."""
+        channels = self.denoiser.config.in_channels
+        return channels // 4 if self.is_flux else channels
+
+    @property
+    def embeds_guidance(self) -> bool:
+        """Whether the denoiser is told the guidance scale instead of running CFG's two branches: LCM's
+        ``w``-embedding (``time_cond_proj_dim``) or a guidance-distilled FLUX (``guidance_embeds``, FLUX.1-dev).
+        :meth:`cfg` then runs one pass conditioned on the scale, as diffusers' pipelines do for them."""
+        if self.guidance_embedding_dim is not None:
+            return True
+        return bool(self.is_flux and self.denoiser.config.guidance_embeds)
+
+    def randn_like(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal noise shaped like latents ``x``, drawn in the denoiser's own layout (FLUX: packed
+        tokens, then unpacked), so that a sampler drawing from the same generator matches the stock pipeline,
+        whose schedulers draw noise in that layout."""
+        if self.is_flux:
+            B, C, H, W = x.shape
+            packed = torch.randn((B, (H // 2) * (W // 2), 4 * C), generator=generator, device=x.device, dtype=x.dtype)
+            return unpack_latents(packed, H, W)
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
     @property
     def required_extra(self) -> tuple[str, ...]:
@@ -157,6 +220,8 @@ class DiffusionBackbone(nn.Module):
         if missing:
             raise ValueError(f"this denoiser's added conditioning needs Cond.extra keys {list(self.required_extra)}, "
                              f"missing {missing}: encode prompts with the teacher's encode_prompt / empty_cond")
+        if self.is_flux:
+            return self._denoise_flux(x_t, timestep, cond)
         if self.is_mmdit:
             return self.denoiser(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond.embeds,
                                  pooled_projections=cond.extra["text_embeds"], return_dict=False)[0]
@@ -168,6 +233,22 @@ class DiffusionBackbone(nn.Module):
                                  "Cond.with_guidance(scale)")
             kwargs["timestep_cond"] = guidance_embedding(cond.guidance.to(x_t.device) - 1, dim).to(x_t.dtype)
         return self.denoiser(x_t, timestep, encoder_hidden_states=cond.embeds, return_dict=False, **kwargs)[0]
+
+    def _denoise_flux(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """``FluxTransformer2DModel`` as ``FluxPipeline`` calls it: packed latents, text ids all zero, image ids
+        ``(0, row, column)``, the timestep divided by ``num_train_timesteps`` (the transformer scales it back),
+        and, for a guidance-distilled model, the guidance scale (``cond.guidance``; 1 = no guidance when unset)."""
+        B, _, H, W = x_t.shape
+        guidance = None
+        if self.denoiser.config.guidance_embeds:
+            g = cond.guidance if cond.guidance is not None else torch.ones(B)
+            guidance = g.to(x_t.device, torch.float32).expand(B)
+        out = self.denoiser(hidden_states=pack_latents(x_t), timestep=timestep / self.schedule.num_train_timesteps,
+                            guidance=guidance, pooled_projections=cond.extra["text_embeds"],
+                            encoder_hidden_states=cond.embeds,
+                            txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype),
+                            img_ids=flux_image_ids(H, W, x_t.device, x_t.dtype), return_dict=False)[0]
+        return unpack_latents(out, H, W)
 
     def _timesteps(self, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """``t`` as a ``(B,)`` float64 tensor and the matching diffusers timesteps in float32."""
@@ -192,8 +273,12 @@ class DiffusionBackbone(nn.Module):
         (``scale = 1``: no guidance, one forward); ``scale`` a number or one per sample ``(B,)``.
         Both branches run as one batch ``[uncond, cond]`` as diffusers' pipelines do; the combination
         is affine, so doing it in the native prediction space and converting afterwards equals doing
-        it in any other space."""
+        it in any other space. A denoiser that embeds the guidance (:attr:`embeds_guidance`: LCM's
+        ``w``-conditioned UNets, FLUX.1-dev) is instead told ``scale`` in one pass (``uncond`` unused), as
+        diffusers' pipelines run them; at ``scale = 1`` it keeps ``cond``'s own ``guidance``."""
         unguided = bool(torch.all(torch.as_tensor(scale) == 1.0))
+        if self.embeds_guidance and not unguided:
+            return self(x_t, t, cond.with_guidance(scale), out=out)
         if unguided or uncond is None:
             if not unguided:
                 raise ValueError(f"guidance scale {scale} needs an unconditional embedding (uncond)")
@@ -207,12 +292,13 @@ class DiffusionBackbone(nn.Module):
         return self.schedule.convert(guided, x_t, t, self.pred_type, out)
 
     def _feature_blocks(self) -> dict[str, nn.Module]:
-        """UNets: ``down_i`` and ``mid`` (the bottleneck). MM-DiTs: ``block_i`` and ``mid``, the block at half
-        depth (the same module under two names)."""
+        """UNets: ``down_i`` and ``mid`` (the bottleneck). MM-DiTs: ``block_i`` (FLUX: then its single-stream
+        ``single_i``) and ``mid``, the block at half depth (the same module under two names)."""
         net = self.denoiser
         if self.is_mmdit:
             blocks = {f"block_{i}": b for i, b in enumerate(net.transformer_blocks)}
-            blocks["mid"] = net.transformer_blocks[len(net.transformer_blocks) // 2]
+            blocks.update({f"single_{i}": b for i, b in enumerate(getattr(net, "single_transformer_blocks", []))})
+            blocks["mid"] = list(blocks.values())[len(blocks) // 2]
             return blocks
         blocks = {f"down_{i}": b for i, b in enumerate(getattr(net, "down_blocks", []))}
         if getattr(net, "mid_block", None) is not None:
@@ -231,11 +317,12 @@ class DiffusionBackbone(nn.Module):
 
     def _feature_map(self, output, x_t: torch.Tensor) -> torch.Tensor:
         """A block's output as ``(B, C, H, W)``: UNet blocks give maps (or tuples led by one); an MM-DiT block
-        gives ``(text tokens, image tokens)``, whose image tokens ``(B, N, C)`` are laid back on the patch grid."""
+        gives ``(text tokens, image tokens)``, whose image tokens ``(B, N, C)`` are laid back on the token grid
+        (the patch grid; FLUX's 2x2 packing grid)."""
         if not self.is_mmdit:
             return output[0] if isinstance(output, tuple) else output
         tokens = output[1]
-        p = self.denoiser.config.patch_size
+        p = self.token_stride
         h, w = x_t.shape[-2] // p, x_t.shape[-1] // p
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 

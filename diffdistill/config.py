@@ -44,9 +44,12 @@ def _check(cond: bool, key: str, message: str) -> None:
 class TeacherConfig:
     path: str = EMBEDDED_TEACHER  # hub id or local diffusers pipeline folder
     dtype: str = "float32"
+    resolution: int | None = None  # image side in pixels; default the pipeline's native size (SDXL-Turbo: 512)
 
     def validate(self, p: str) -> None:
         _check(bool(self.path), f"{p}.path", "must name a hub id or a local diffusers folder")
+        _check(self.resolution is None or (isinstance(self.resolution, int) and self.resolution > 0),
+               f"{p}.resolution", f"must be a positive number of pixels or null, got {self.resolution!r}")
         _check(self.dtype in ("float32", "float16", "bfloat16"), f"{p}.dtype",
                f"must be float32, float16 or bfloat16, got {self.dtype!r}")
 

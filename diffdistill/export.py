@@ -19,8 +19,11 @@ per intermediate step), so a fixed seed gives the same images. Two settings make
 * ``timestep_scaling = 1e6`` turns LCM's consistency boundary scalings into ``c_skip <= 2.5e-13``,
   ``c_out = 1`` at every timestep >= 1, so the scheduler's output is the network's x0 prediction.
 
-Flow students (SD3) use ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=1)`` instead, whose
-step is the same re-noising rule (see :func:`_flow_recipe`); their LoRA files hold ``transformer.`` keys.
+Flow students (SD3) use ``FlowMatchEulerDiscreteScheduler(shift=1)`` instead (see :func:`_flow_recipe`): with
+``stochastic_sampling=True`` its step is the same re-noising rule (``student.gamma = 1``); without, it is the
+deterministic Euler step ``x + (sigma' - sigma) v`` down to sigma 0, which is our deterministic DDIM step on the
+flow schedule (``gamma = 0``, PCM's sampler). No stock flow scheduler runs ``0 < gamma < 1`` (refused). Their
+LoRA files hold ``transformer.`` keys.
 
 Timesteps that no ``original_inference_steps`` reproduces (non-uniform grids) still sample exactly
 through the stock scheduler when the call passes ``timesteps=[...]``; the export then warns
@@ -115,30 +118,37 @@ def _is_flow(student) -> bool:
 
 def scheduler_class(student) -> str:
     """``LCMScheduler`` for the re-noising sampler (``gamma = 1``), ``TCDScheduler`` (``eta = gamma``) otherwise;
-    ``FlowMatchEulerDiscreteScheduler`` for flow students."""
+    ``FlowMatchEulerDiscreteScheduler`` for flow students (``stochastic_sampling`` for ``gamma = 1``, the plain
+    Euler step for ``gamma = 0``)."""
     if _is_flow(student):
         return "FlowMatchEulerDiscreteScheduler"
     return "LCMScheduler" if student.gamma == 1.0 else "TCDScheduler"
 
 
-def _flow_recipe(student) -> tuple[dict, list[float], bool]:
-    """A flow student's re-noising sampler as ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``: each
-    step takes ``x0 = x_t - sigma * v`` and moves to ``(1 - sigma') x0 + sigma' noise`` with fresh noise -- our
+def _flow_recipe(teacher, student) -> tuple[dict, list[float], bool]:
+    """A flow student's sampler as ``FlowMatchEulerDiscreteScheduler``. ``gamma = 1`` (``stochastic_sampling=True``):
+    each step takes ``x0 = x_t - sigma * v`` and moves to ``(1 - sigma') x0 + sigma' noise`` with fresh noise -- our
     :func:`~diffdistill.sampling.sample_student` at ``gamma = 1``, drawing in the same order (SD3's pipeline does
-    not hand its generator to the step: that noise comes from torch's global RNG). ``shift = 1`` makes the scheduler's sigmas the student's times ``t``; for a uniform grid ending at
-    ``t_K > 0``, ``shift_terminal = t_K`` stretches the default ``linspace`` onto it exactly."""
+    not hand its generator to the step: that noise comes from torch's global RNG). ``gamma = 0``
+    (``stochastic_sampling=False``): the Euler step ``x_t + (sigma' - sigma) v`` = ``(1 - sigma') x0 + sigma' eps``,
+    our deterministic DDIM step on the flow schedule, the last one landing on sigma 0 (x0) as ours does (PCM's
+    sampler). ``shift = 1`` makes the scheduler's sigmas the student's times ``t``; for a uniform grid ending at
+    ``t_K > 0``, ``shift_terminal = t_K`` stretches the default ``linspace`` onto it exactly; other grids (e.g.
+    the shifted phase tops of a PCM student) need the call's ``sigmas=``."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if student.gamma != 1.0:
-        raise ExportError(f"flow students export with the re-noising sampler (student.gamma = 1) only, got "
-                          f"gamma {student.gamma}")
+    if student.gamma not in (0.0, 1.0):
+        raise ExportError(f"student.gamma {student.gamma}: FlowMatchEulerDiscreteScheduler steps either with full "
+                          "re-noising (stochastic_sampling, gamma = 1) or deterministically (gamma = 0); no stock flow "
+                          "scheduler has TCD's partial re-noising (0 < gamma < 1), so no export reproduces this recipe")
     ts = [float(t) for t in student.timesteps]
     n = student.backbone.schedule.num_train_timesteps
-    config = {"num_train_timesteps": n, "shift": 1.0, "stochastic_sampling": True}
+    config = {"num_train_timesteps": n, "shift": 1.0, "stochastic_sampling": student.gamma == 1.0}
     if len(ts) > 1 and ts[-1] > 0:
         config["shift_terminal"] = ts[-1]
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    scheduler.set_timesteps(len(ts))
+    kwargs = teacher.family.sigma_kwargs(teacher, len(ts))  # as the pipeline calls it (FLUX passes sigmas)
+    scheduler.set_timesteps(None if "sigmas" in kwargs else len(ts), **kwargs)
     default_call = torch.allclose(scheduler.sigmas[:-1].double(), torch.tensor(ts, dtype=torch.float64), atol=1e-6)
     ks = [t * n for t in ts]
     if not default_call:
@@ -157,7 +167,7 @@ def scheduler_recipe(teacher, student) -> tuple[dict, list[int], bool]:
     from .pipeline import PREDICTION_NAMES
 
     if _is_flow(student):
-        return _flow_recipe(student)
+        return _flow_recipe(teacher, student)
     klass = getattr(diffusers, scheduler_class(student))
     ks = _diffusers_timesteps(student)
     accepted = inspect.signature(klass.__init__).parameters
@@ -258,7 +268,7 @@ def _recipe(teacher, student, config, step, ks: list[int], scheduler_config: dic
               "timesteps": [float(t) for t in student.timesteps], "diffusers_timesteps": ks,
               "num_inference_steps": len(ks), "guidance": float(student.guidance), "gamma": float(student.gamma),
               "base": str(teacher.source), "base_pipeline": teacher.pipeline_class,
-              "base_signature": teacher.backbone.signature(),
+              "base_signature": teacher.backbone.signature(), "resolution": teacher.image_size,
               "objective": config.objective.name if config is not None else None, "step": step,
               "prediction_type": student.backbone.pred_type, "dtype": str(teacher.dtype).replace("torch.", ""),
               "scheduler": {"class": scheduler_class(student), "default_call_reproduces": default_call,
@@ -325,7 +335,8 @@ def load_run_student(run_dir, checkpoint=None, ema: bool = True, *, device="cpu"
     config_file = folder / "config.yaml" if (folder / "config.yaml").is_file() else run_dir / "config.yaml"
     config = load_config(config_file)
     tensors, meta = ckpt.load_state(folder / ckpt.STATE_FILE)
-    teacher = load_teacher(config.teacher.path, dtype=DTYPES[config.teacher.dtype], device=device)
+    teacher = load_teacher(config.teacher.path, dtype=DTYPES[config.teacher.dtype], device=device,
+                           resolution=config.teacher.resolution)
     student = build_student(teacher, config.student)
     prefix = "ema" if ema else "param.student"
     params = student.named_parameters_to_train()
@@ -378,7 +389,7 @@ def load_student(folder, base=None, *, device="cpu"):
     folder = Path(folder)
     recipe = read_recipe(folder)
     if recipe["kind"] == "lora":
-        teacher = load_teacher(base or recipe["base"], device=device)
+        teacher = load_teacher(base or recipe["base"], device=device, resolution=recipe.get("resolution"))
         if "base_signature" in recipe:  # older exports lack it; load_lora's shape check still applies
             _check_fits(teacher.backbone, recipe["base_signature"], "base", "LoRA's training base",
                         f"LoRA {folder} (trained on a {recipe.get('base_pipeline')}) cannot load onto {teacher.source}")
@@ -388,12 +399,12 @@ def load_student(folder, base=None, *, device="cpu"):
         return teacher, Student(teacher.backbone, STUDENT_ADAPTER, recipe["timesteps"], recipe["guidance"],
                                 recipe.get("gamma", 1.0))
     if base is None:
-        teacher = load_teacher(str(folder), device=device)
+        teacher = load_teacher(str(folder), device=device, resolution=recipe.get("resolution"))
         return teacher, Student(teacher.backbone, None, recipe["timesteps"], recipe["guidance"],
                                 recipe.get("gamma", 1.0))
     import diffusers
 
-    teacher = load_teacher(base, device=device)
+    teacher = load_teacher(base, device=device, resolution=recipe.get("resolution"))
     own = read_model_index(str(folder)).get("_class_name")
     klass, subfolder = teacher.family.denoiser
     if not (folder / subfolder).is_dir():

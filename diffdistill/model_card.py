@@ -54,7 +54,8 @@ def _summary(recipe: dict) -> str:
     sch = recipe["scheduler"]
     scaling = "" if sch.get("timestep_scaling") is None else f", timestep_scaling={sch['timestep_scaling']:g}"
     settings = f"original_inference_steps={sch['original_inference_steps']}{scaling}" \
-        if sch.get("original_inference_steps") is not None else "stochastic_sampling=True, shift=1"
+        if sch.get("original_inference_steps") is not None else \
+        f"stochastic_sampling={recipe.get('gamma', 1.0) == 1.0}, shift=1"
     scheduler = f"`{sch.get('class', 'LCMScheduler')}` ({settings})".replace("e+0", "e")
     gamma = recipe.get("gamma", 1.0)
     rows = [("Base model (teacher)", f"`{recipe['base']}`"), ("Method", objective_paper(recipe["objective"])),
@@ -79,7 +80,9 @@ def _usage(recipe: dict, location: str, prompt: str) -> str:
     timesteps = "" if exact else f", {arg}={grid}"
     gamma = recipe.get("gamma", 1.0)
     eta = f", eta={gamma:g}" if 0.0 < gamma < 1.0 else ""
-    call = f'image = pipe("{prompt}", num_inference_steps={k}, guidance_scale={g}{timesteps}{eta}).images[0]'
+    side = recipe.get("resolution")  # the trained size: a pipeline's own default may differ (FLUX: 1024)
+    size = f", height={side}, width={side}" if side else ""
+    call = f'image = pipe("{prompt}", num_inference_steps={k}, guidance_scale={g}{size}{timesteps}{eta}).images[0]'
     if recipe["kind"] == "full":
         code = ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
                 f'pipe = DiffusionPipeline.from_pretrained("{location}", dtype=torch.{dtype})  # .to("cuda") on a GPU\n'
@@ -94,7 +97,7 @@ def _usage(recipe: dict, location: str, prompt: str) -> str:
     notes = [(f"Always pass `guidance_scale={g}`: the pipeline's default (7.5) is not the trained recipe. "
               "StableDiffusionPipeline applies guidance only when `guidance_scale > 1`."),
              "With a fixed `generator`, these calls give the same images as diffdistill's own student sampler."]
-    if scheduler == "FlowMatchEulerDiscreteScheduler":  # its pipelines do not hand `generator` to the step
+    if scheduler == "FlowMatchEulerDiscreteScheduler" and gamma == 1.0:  # the step's noise is not `generator`'s
         notes[-1] = ("The pipeline does not pass its `generator` to the scheduler's step, so the re-noising "
                      "between steps draws from torch's global RNG: call `torch.manual_seed(...)` as well as passing "
                      "`generator=` for reproducible images (diffdistill's sampler draws the same way when its "
@@ -161,10 +164,14 @@ def _how_flow(recipe: dict) -> str:
     steps = (f"`shift_terminal` stretches its default grid so that `num_inference_steps={k}` yields the trained times."
              if recipe["scheduler"]["default_call_reproduces"] else
              "The trained times come from the call's `sigmas=` argument (see Usage).")
+    if recipe.get("gamma", 1.0) == 1.0:
+        how = ("`stochastic_sampling=True`. Each step takes the clean sample the network's velocity implies and moves "
+               "it to the next noise level with fresh noise: the student's training-time sampler.")
+    else:
+        how = ("`stochastic_sampling=False`. Each step is the Euler step `x + (sigma_next - sigma) * v` of the "
+               "network's velocity, the last one landing on sigma 0: the student's deterministic sampler (PCM's).")
     return ("## How the recipe is baked in\n\nThe scheduler is diffusers' own `FlowMatchEulerDiscreteScheduler` with "
-            "`stochastic_sampling=True`. Each step takes the clean sample the network's velocity implies and moves "
-            "it to the next noise level with fresh noise from the pipeline's generator: the student's training-time "
-            f"sampler. `shift=1` makes the scheduler's sigmas the trained times. {steps} `diffdistill.json` holds the "
+            f"{how} `shift=1` makes the scheduler's sigmas the trained times. {steps} `diffdistill.json` holds the "
             "recipe (continuous times `t` in [0, 1]; the transformer's timestep is t N, N = `num_train_timesteps`).")
 
 

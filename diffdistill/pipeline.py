@@ -8,13 +8,15 @@ diffdistill's: continuous ``t``, :class:`~diffdistill.backbone.Cond`, prediction
 What differs between pipeline classes -- which text encoders a pipeline has, how a prompt becomes a
 :class:`~diffdistill.backbone.Cond`, what the unconditional branch of CFG is, which modules an exported
 pipeline needs -- lives in one small adapter per class (:class:`StableDiffusion`,
-:class:`StableDiffusionXL`), registered in :data:`FAMILIES`. Supporting a new UNet pipeline means
-writing one more adapter; nothing outside this module changes.
+:class:`StableDiffusionXL`, :class:`StableDiffusion3`, :class:`Flux`), registered in :data:`FAMILIES`.
+Supporting a new pipeline means writing one more adapter (and, for a denoiser with a new call signature, one
+branch in :meth:`DiffusionBackbone._denoise`); nothing else changes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -51,6 +53,7 @@ class Teacher:
     tokenizer_3: object = None                   # SD3's T5 tokenizer and encoder (None when the pipeline drops T5)
     text_encoder_3: torch.nn.Module | None = None
     pipeline_config: dict = field(default_factory=dict)  # model_index.json's settings, e.g. force_zeros_for_empty_prompt
+    resolution: int | None = None                # image side in pixels; None: the denoiser's native size
     _empty: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -67,15 +70,20 @@ class Teacher:
         return next(self.backbone.denoiser.parameters()).dtype
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SD, SDXL, SD3 and FLUX)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of the denoiser's native latents."""
-        cfg = self.backbone.denoiser.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        """``(C, H, W)`` of the latents at :attr:`resolution` (default: the denoiser's native size)."""
+        side = self.resolution // self.vae_scale_factor if self.resolution else self.family.native_latent_side(self)
+        return (self.backbone.latent_channels, side, side)
 
     @property
     def image_size(self) -> int:
-        """Side of the images the VAE decodes the native latents to."""
-        return self.latent_shape[-1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Side of the images the VAE decodes these latents to."""
+        return self.latent_shape[-1] * self.vae_scale_factor
 
     # -- text ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -151,15 +159,35 @@ def read_model_index(path: str) -> dict:
         raise TeacherLoadError(f"{path!r} is not a local folder, and reading it as a hub repo failed: {err}") from err
 
 
-def schedule_and_prediction(scheduler_config: dict):
+def dynamic_shift_mu(scheduler_config: dict, image_seq_len: int) -> float:
+    """The ``mu`` that FLUX's and SD3's pipelines compute for ``use_dynamic_shifting`` schedulers: linear in the
+    number of image tokens between (``base_image_seq_len``, ``base_shift``) and (``max_image_seq_len``,
+    ``max_shift``) -- the pipelines' ``calculate_shift`` with the scheduler config's values."""
+    c = scheduler_config
+    lo, hi = float(c.get("base_image_seq_len", 256)), float(c.get("max_image_seq_len", 4096))
+    b_lo, b_hi = float(c.get("base_shift", 0.5)), float(c.get("max_shift", 1.15))
+    return b_lo + (b_hi - b_lo) * (image_seq_len - lo) / (hi - lo)
+
+
+def schedule_and_prediction(scheduler_config: dict, image_seq_len: int | None = None):
     """Our schedule and prediction type from a diffusers scheduler config: ``FlowMatchEulerDiscreteScheduler``
-    -> :class:`FlowSchedule` with its ``shift``, predicting the flow; any other -> :class:`VPSchedule`."""
+    -> :class:`FlowSchedule` with its ``shift``, predicting the flow; any other -> :class:`VPSchedule`.
+
+    A ``use_dynamic_shifting`` scheduler (FLUX.1-dev) shifts by image size; at a fixed size its shift is a fixed
+    SD3-style shift (``time_shift(mu, 1, t)`` = ``shift_t`` with shift ``exp(mu)``, or ``mu`` for
+    ``time_shift_type: linear``), computed for ``image_seq_len`` image tokens."""
     if scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        shift = float(scheduler_config.get("shift", 1.0))
         if scheduler_config.get("use_dynamic_shifting"):
-            raise TeacherLoadError("the scheduler shifts its timesteps by image size (use_dynamic_shifting, as FLUX "
-                                   "does); diffdistill's FlowSchedule supports a fixed shift only")
-        return FlowSchedule(shift=float(scheduler_config.get("shift", 1.0)),
-                            num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000))), "flow"
+            if image_seq_len is None:
+                raise TeacherLoadError("the scheduler shifts its timesteps by image size (use_dynamic_shifting); "
+                                       "the number of image tokens is needed to fix the shift")
+            mu = dynamic_shift_mu(scheduler_config, image_seq_len)
+            kind = scheduler_config.get("time_shift_type", "exponential")
+            if kind not in ("exponential", "linear"):
+                raise TeacherLoadError(f"unsupported time_shift_type {kind!r} in the scheduler config")
+            shift = math.exp(mu) if kind == "exponential" else mu
+        return FlowSchedule(shift=shift, num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000))), "flow"
     name = scheduler_config.get("prediction_type", "epsilon")
     if name not in PREDICTION_NAMES:
         raise TeacherLoadError(f"unsupported prediction_type {name!r} in the scheduler config; "
@@ -186,6 +214,29 @@ class Family:
 
     def encode(self, teacher: Teacher, prompts: list[str]) -> Cond:
         raise NotImplementedError
+
+    def native_latent_side(self, teacher: Teacher) -> int:
+        """The latent side the pipeline generates at by default (its denoiser's ``sample_size``)."""
+        return int(teacher.backbone.denoiser.config.sample_size)
+
+    def check_resolution(self, teacher: Teacher) -> None:
+        """Refuse a ``resolution`` the pipeline could not generate at."""
+        step = teacher.vae_scale_factor * teacher.backbone.token_stride
+        if teacher.resolution is not None and (teacher.resolution <= 0 or teacher.resolution % step):
+            raise TeacherLoadError(f"{teacher.source!r}: resolution {teacher.resolution} must be a positive multiple of "
+                                   f"{step} (the VAE's factor {teacher.vae_scale_factor} x the denoiser's token stride "
+                                   f"{teacher.backbone.token_stride})")
+
+    def sigma_kwargs(self, teacher: Teacher, num_steps: int) -> dict:
+        """Flow teachers: the extra arguments the pipeline passes to ``FlowMatchEulerDiscreteScheduler.set_timesteps``
+        (``mu`` for a dynamically shifting scheduler, as SD3's pipeline does)."""
+        cfg = teacher.scheduler_config
+        return {"mu": self.mu(teacher)} if cfg.get("use_dynamic_shifting") else {}
+
+    def mu(self, teacher: Teacher) -> float:
+        """``mu`` of a dynamically shifting scheduler at the teacher's latent size."""
+        side = teacher.latent_shape[-1] // teacher.backbone.token_stride
+        return dynamic_shift_mu(teacher.scheduler_config, side * side)
 
     def empty(self, teacher: Teacher) -> Cond:
         """CFG's unconditional branch without a negative prompt: the empty prompt, encoded."""
@@ -342,13 +393,77 @@ class StableDiffusion3(Family):
                                    f"{net.joint_attention_dim}; T5 gives {t5}-wide and the CLIP encoders {width}-wide "
                                    "embeddings (CLIP must fit inside T5's width)")
 
+    def check_resolution(self, teacher: Teacher) -> None:
+        super().check_resolution(teacher)
+        net = teacher.backbone.denoiser.config
+        tokens = teacher.latent_shape[-1] // net.patch_size
+        if net.pos_embed_max_size is not None and tokens > net.pos_embed_max_size:
+            raise TeacherLoadError(f"{teacher.source!r}: resolution {teacher.image_size} needs {tokens} patches a side, "
+                                   f"more than the transformer's pos_embed_max_size {net.pos_embed_max_size}")
+
     def pipeline_modules(self, teacher: Teacher) -> dict:
         return {"text_encoder": teacher.text_encoder, "text_encoder_2": teacher.text_encoder_2,
                 "text_encoder_3": teacher.text_encoder_3, "tokenizer": teacher.tokenizer,
                 "tokenizer_2": teacher.tokenizer_2, "tokenizer_3": teacher.tokenizer_3}
 
 
-FAMILIES: dict[str, Family] = {f.pipeline_class: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}
+class Flux(Family):
+    """``FluxPipeline`` (FLUX.1 [dev] / [schnell], rectified flow): a CLIP text encoder whose pooled output is
+    ``extra["text_embeds"]`` (the transformer's ``pooled_projections``) and a T5 encoder whose
+    ``max_sequence_length`` (512) token embeddings are ``embeds``. The 2x2 packing of the latents, the position
+    ids and the guidance embedding of guidance-distilled models live in the backbone; latents stay
+    ``(B, 16, H, W)``. Default size: the pipeline's 128 x 128 latents (1024 px). The scheduler shifts by image
+    size (``use_dynamic_shifting``); the pipeline samples on ``linspace(1, 1/n, n)`` shifted by ``mu``.
+    FLUX.1-dev has no CFG branch: a guidance scale is embedded (:attr:`DiffusionBackbone.embeds_guidance`);
+    without a guidance embedding (schnell) CFG's unconditional branch is the encoded empty prompt, as the
+    pipeline's ``true_cfg_scale`` with ``negative_prompt=""``."""
+
+    pipeline_class = "FluxPipeline"
+    denoiser = ("FluxTransformer2DModel", "transformer")
+    text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"}
+    tokenizers: ClassVar[dict[str, str]] = {"text_encoder_2": "AutoTokenizer"}
+    t5_length = 512  # the pipeline's default max_sequence_length
+    default_sample_size = 128  # FluxPipeline.default_sample_size: latents of this side by default
+
+    def encode(self, teacher: Teacher, prompts: list[str]) -> Cond:
+        clip = teacher.text_encoder
+        pooled = clip(_token_ids(teacher.tokenizer, prompts, clip.device), output_hidden_states=False).pooler_output
+        t5 = teacher.text_encoder_2
+        ids = teacher.tokenizer_2(prompts, padding="max_length", max_length=self.t5_length, truncation=True,
+                                  return_tensors="pt").input_ids
+        return Cond(t5(ids.to(t5.device), output_hidden_states=False)[0], {"text_embeds": pooled})
+
+    def native_latent_side(self, teacher: Teacher) -> int:
+        return self.default_sample_size
+
+    def sigma_kwargs(self, teacher: Teacher, num_steps: int) -> dict:
+        import numpy as np
+
+        return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": self.mu(teacher)}
+
+    def validate(self, teacher: Teacher) -> None:
+        super().validate(teacher)
+        net = teacher.backbone.denoiser.config
+        problems = []
+        if teacher.text_encoder.config.hidden_size != net.pooled_projection_dim:
+            problems.append(f"pooled_projection_dim {net.pooled_projection_dim} vs the CLIP encoder's "
+                            f"{teacher.text_encoder.config.hidden_size}")
+        if teacher.text_encoder_2.config.d_model != net.joint_attention_dim:
+            problems.append(f"joint_attention_dim {net.joint_attention_dim} vs T5's {teacher.text_encoder_2.config.d_model}")
+        if net.in_channels != 4 * teacher.vae.config.latent_channels:
+            problems.append(f"in_channels {net.in_channels} vs 4 x the VAE's {teacher.vae.config.latent_channels} latent "
+                            "channels (2x2 packing)")
+        if problems:
+            raise TeacherLoadError(f"{teacher.source!r}: the transformer does not fit the other components: "
+                                   + "; ".join(problems))
+
+    def pipeline_modules(self, teacher: Teacher) -> dict:
+        return {"text_encoder": teacher.text_encoder, "text_encoder_2": teacher.text_encoder_2,
+                "tokenizer": teacher.tokenizer, "tokenizer_2": teacher.tokenizer_2}
+
+
+FAMILIES: dict[str, Family] = {f.pipeline_class: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(),
+                                                             Flux())}
 SUPPORTED_PIPELINES = tuple(FAMILIES)
 
 
@@ -375,10 +490,13 @@ def _text_components(family: Family, index: dict, path: str, load) -> tuple[dict
     return encoders, tokenizers
 
 
-def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Teacher:
+def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 resolution: int | None = None) -> Teacher:
     """Load a diffusers text-to-image pipeline (hub id or local folder) as a frozen :class:`Teacher`.
 
-    Weights load as safetensors only. Every module is put in eval mode with ``requires_grad=False``.
+    ``resolution``: the image side to generate and train at, in pixels (default: the pipeline's native size,
+    e.g. 512 for SD1.5, 1024 for SDXL and FLUX). Weights load as safetensors only. Every module is put in eval
+    mode with ``requires_grad=False``.
     """
     import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler
@@ -394,7 +512,6 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | to
         return klass.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True)
 
     scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
-    schedule, pred_type = schedule_and_prediction(scheduler_config)
     denoiser = load(getattr(diffusers, family.denoiser[0]), family.denoiser[1])
     vae = load(AutoencoderKL, "vae")
     encoders, tokenizers = _text_components(family, index, path, load)
@@ -402,11 +519,16 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | to
         if module is not None:
             module.requires_grad_(False).eval().to(device)
     settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
-    teacher = Teacher(backbone=DiffusionBackbone(denoiser, schedule, pred_type), tokenizer=tokenizers["text_encoder"],
+    # the schedule is set below: a dynamically shifting flow scheduler's shift depends on the latent size
+    backbone = DiffusionBackbone(denoiser, FlowSchedule(), "flow")
+    teacher = Teacher(backbone=backbone, tokenizer=tokenizers["text_encoder"],
                       text_encoder=encoders["text_encoder"], vae=vae, scheduler_config=scheduler_config, source=path,
                       pipeline_class=cls, tokenizer_2=tokenizers.get("text_encoder_2"),
                       text_encoder_2=encoders.get("text_encoder_2"), tokenizer_3=tokenizers.get("text_encoder_3"),
-                      text_encoder_3=encoders.get("text_encoder_3"), pipeline_config=settings)
+                      text_encoder_3=encoders.get("text_encoder_3"), pipeline_config=settings, resolution=resolution)
+    family.check_resolution(teacher)
+    tokens = (teacher.latent_shape[-1] // backbone.token_stride) ** 2
+    backbone.schedule, backbone.pred_type = schedule_and_prediction(scheduler_config, tokens)
     family.validate(teacher)
     return teacher
 
@@ -414,13 +536,15 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | to
 def sampling_grid(teacher: Teacher, num_steps: int) -> torch.Tensor:
     """The ``num_steps + 1`` times at which the teacher's own DDIM configuration samples (its
     ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one``); for a flow teacher, the sigmas its own
-    ``FlowMatchEulerDiscreteScheduler`` sets (shift, ``shift_terminal``, ... as configured)."""
+    ``FlowMatchEulerDiscreteScheduler`` sets when its pipeline calls it (shift, ``shift_terminal``, ... as
+    configured; FLUX's pipeline passes ``sigmas = linspace(1, 1/n, n)`` and ``mu``)."""
     cfg = teacher.scheduler_config
     if isinstance(teacher.backbone.schedule, FlowSchedule):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(cfg)
-        scheduler.set_timesteps(num_steps)
+        kwargs = teacher.family.sigma_kwargs(teacher, num_steps)
+        scheduler.set_timesteps(None if "sigmas" in kwargs else num_steps, **kwargs)
         return scheduler.sigmas.double()
     return teacher.backbone.schedule.grid(num_steps, spacing=cfg.get("timestep_spacing", "leading"),
                                           steps_offset=int(cfg.get("steps_offset", 0)),

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbone import Cond, DiffusionBackbone
-from .schedule import _as_time, to_x0_eps
+from .schedule import FlowSchedule, _as_time, to_x0_eps
 
 SOLVERS = ("euler", "ddim", "heun")
 
@@ -94,12 +94,17 @@ def sample_student(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond,
     timestep ``s = floor((1 - gamma) k_next)``, ``x_s = alpha_s x0 + sigma_s eps``, then, unless it is the
     last step, add fresh noise from ``s`` up to the next time. ``gamma = 0`` is deterministic DDIM (PCM's
     sampler). The last step lands on the first training timestep (``k = 0``), as TCD's does.
+    On a flow schedule ``k`` is the training-grid index (``schedule.time_index``: the flow scheduler's
+    shifted training sigmas), ``gamma = 0`` steps exactly to the next time (the flow Euler step
+    ``x + (t' - t) v``, diffusers' ``FlowMatchEulerDiscreteScheduler`` without stochastic sampling), the
+    fresh noise is the forward process from ``s`` to the next time, and the last step lands on ``t = 0``.
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
     ts = _times(ts, 1)
     _check_batch(noise, cond, uncond)
     sched = backbone.schedule
+    flow = isinstance(sched, FlowSchedule)
     x = noise
     for i, t in enumerate(ts):
         last = i + 1 == len(ts)
@@ -107,18 +112,26 @@ def sample_student(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond,
             x0 = backbone.cfg(x, t, cond, uncond, guidance, out="x0")
             if last:
                 return x0
-            fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            fresh = backbone.randn_like(x0, generator)
             x = sched.add_noise(x0, fresh, ts[i + 1])
             continue
         x0, eps = _x0_eps(backbone, x, t, cond, uncond, guidance)
-        t_next = sched.from_timestep(0.0) if last else _as_time(ts[i + 1])
-        t_s = sched.from_timestep(torch.floor((1 - gamma) * sched.to_timestep(t_next)))
+        if flow:  # TCD's rule on the flow grid's indices; ends on t = 0 as the flow scheduler does
+            t_next = _as_time(0.0 if last else ts[i + 1])
+            t_s = t_next if gamma == 0.0 else sched.index_time(torch.floor((1 - gamma) * sched.time_index(t_next)))
+        else:
+            t_next = sched.from_timestep(0.0) if last else _as_time(ts[i + 1])
+            t_s = sched.from_timestep(torch.floor((1 - gamma) * sched.to_timestep(t_next)))
         x = sched.add_noise(x0, eps, t_s)
         if last:
             return x
-        if gamma > 0:
+        if gamma > 0 and flow:  # the forward process from s to t_next: x_s (a' / a_s) plus noise of variance
+            ratio = float(sched.alpha(t_next) / sched.alpha(t_s))  # sigma'^2 - (a' / a_s)^2 sigma_s^2
+            std = max(float(sched.sigma(t_next)) ** 2 - (ratio * float(sched.sigma(t_s))) ** 2, 0.0) ** 0.5
+            x = ratio * x + std * backbone.randn_like(x, generator)
+        elif gamma > 0:
             keep = float(sched.alpha(t_next) / sched.alpha(t_s)) ** 2  # alpha_bar_next / alpha_bar_s
-            fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            fresh = backbone.randn_like(x, generator)
             x = keep ** 0.5 * x + (1 - keep) ** 0.5 * fresh
     raise AssertionError("unreachable")
 

@@ -11,6 +11,10 @@ Both schedules write a noisy sample as ``x_t = alpha(t) * x0 + sigma(t) * eps``:
 * :class:`FlowSchedule` -- rectified flow (SD3 / FLUX): ``alpha = 1 - t``, ``sigma = t``; an optional
   ``shift`` warps the sampling grid and training-time distribution as SD3 does.
 
+Each schedule also numbers a training grid, ``index_time(k)`` / ``time_index(t)`` for ``k = 0 .. N-1``
+(the grid the consistency objectives step on): on VP the diffusers timesteps, ``t = (k + 1) / N``; on flow
+the training sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler``, ``t = shift_t((k + 1) / N)``.
+
 Prediction types (our names; diffusers' names are translated in ``pipeline.py``):
 
 * ``x0``: the clean sample; ``eps``: the noise;
@@ -68,6 +72,16 @@ class Schedule:
         raise NotImplementedError
 
     def from_timestep(self, k) -> torch.Tensor:
+        raise NotImplementedError
+
+    def index_time(self, k) -> torch.Tensor:
+        """The time ``t`` of training-grid index ``k`` (``0 .. N-1``; ``N - 1`` is ``t = 1``): the grid the
+        consistency objectives' solver steps on. Index ``-1`` is ``t = 0``."""
+        raise NotImplementedError
+
+    def time_index(self, t) -> torch.Tensor:
+        """The inverse of :meth:`index_time`: the (possibly fractional) training-grid index of ``t``; integers
+        on the grid."""
         raise NotImplementedError
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
@@ -156,6 +170,14 @@ class VPSchedule(Schedule):
     def from_timestep(self, k) -> torch.Tensor:
         return (_as_time(k) + 1) / self.num_train_timesteps
 
+    def index_time(self, k) -> torch.Tensor:
+        """Index ``k`` is diffusers timestep ``k``: :meth:`from_timestep`."""
+        return self.from_timestep(k)
+
+    def time_index(self, t) -> torch.Tensor:
+        """:meth:`to_timestep`: the diffusers timestep of ``t``."""
+        return self.to_timestep(t)
+
     def grid(self, n: int, spacing: str = "trailing", steps_offset: int = 0, final: str = "clean") -> torch.Tensor:
         """``n + 1`` decreasing times for an ``n``-step sampler, as diffusers' DDIM would place them.
 
@@ -206,6 +228,22 @@ class FlowSchedule(Schedule):
         """SD3's resolution shift: ``shift * t / (1 + (shift - 1) * t)``."""
         t = _as_time(t)
         return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def unshift_t(self, t) -> torch.Tensor:
+        """The inverse of :meth:`shift_t`: ``t / (shift - (shift - 1) * t)``."""
+        t = _as_time(t)
+        return t / (self.shift - (self.shift - 1) * t)
+
+    def index_time(self, k) -> torch.Tensor:
+        """``shift_t((k + 1) / N)``: index ``k`` is the ``k``-th of the ``N`` training sigmas of diffusers'
+        ``FlowMatchEulerDiscreteScheduler(shift=shift)`` in ascending order (its ``sigmas`` run from index
+        ``N - 1``, ``t = 1`` exactly, down to index 0, ``t = shift_t(1 / N)``)."""
+        u = (_as_time(k) + 1) / self.num_train_timesteps
+        return torch.where(u == 1, torch.ones_like(u), self.shift_t(u))
+
+    def time_index(self, t) -> torch.Tensor:
+        """``N unshift_t(t) - 1``, snapped to the nearest integer within 1e-3 (as :meth:`VPSchedule.to_timestep`)."""
+        return _snap(self.unshift_t(_check_unit(_as_time(t))) * self.num_train_timesteps) - 1
 
     def sample_t(self, n: int, kind: str = "logit_normal", **kwargs) -> torch.Tensor:
         """As :meth:`Schedule.sample_t` (default logit-normal, as SD3), then shifted."""

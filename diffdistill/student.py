@@ -28,11 +28,11 @@ class Student(nn.Module):
     @property
     def cfg_scale(self) -> float:
         """The CFG scale its sampler applies: ``guidance``, or 1 when the network embeds the guidance."""
-        return 1.0 if self.backbone.guidance_embedding_dim is not None else self.guidance
+        return 1.0 if self.backbone.embeds_guidance else self.guidance
 
     def forward(self, x_t: torch.Tensor, t, cond: Cond, out: str = "x0") -> torch.Tensor:
         """A guidance-embedded student is conditioned on ``cond.guidance``, by default its own ``guidance``."""
-        if self.backbone.guidance_embedding_dim is not None and cond.guidance is None:
+        if self.backbone.embeds_guidance and cond.guidance is None:
             cond = cond.with_guidance(self.guidance)
         with self.backbone.adapter(self.adapter):
             return self.backbone(x_t, t, cond, out=out)
@@ -48,7 +48,7 @@ class Student(nn.Module):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents from the student's few-step recipe (its ``timesteps``, ``guidance`` and ``gamma``): CFG
         with ``uncond``, or, for a guidance-embedded network, one pass conditioned on ``guidance``."""
-        if self.backbone.guidance_embedding_dim is not None:
+        if self.backbone.embeds_guidance:
             cond, uncond = cond.with_guidance(self.guidance), None
         with self.backbone.adapter(self.adapter):
             return sample_student(self.backbone, noise, cond, self.timesteps, uncond=uncond,
@@ -74,6 +74,12 @@ def build_student(teacher, cfg) -> Student:
     """From the teacher and a ``StudentConfig``: ``full`` copies the denoiser (trainable), ``lora`` adds
     adapter ``student`` to the teacher's denoiser (the base stays frozen)."""
     tb = teacher.backbone
+    if cfg.guidance_embedding_dim and tb.is_mmdit:
+        from .config import ConfigError
+
+        raise ConfigError("student.guidance_embedding_dim", f"LCM's guidance embedding is a UNet's time_cond_proj_dim; "
+                          f"this teacher's denoiser is a {type(tb.denoiser).__name__} (a guidance-distilled FLUX "
+                          "embeds the scale already: set student.guidance)")
     if cfg.kind == "full":
         denoiser = copy.deepcopy(tb.denoiser).requires_grad_(True).train()
         if cfg.guidance_embedding_dim and tb.guidance_embedding_dim is None:

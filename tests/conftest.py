@@ -152,6 +152,39 @@ def build_tiny_sd3(folder, seed: int = 0):
     return str(folder)
 
 
+def build_tiny_flux(folder, seed: int = 0, guidance_embeds: bool = True):
+    """A random-init FluxPipeline (16x16 images, 8x8x4 latents packed into 16 tokens of 16 channels) saved to
+    ``folder``: a CLIP text encoder (pooled output), a one-layer T5 over a tiny vocabulary
+    (:func:`tiny_t5_tokenizer`), a FluxTransformer2DModel with one double- and two single-stream blocks and, by
+    default, FLUX.1-dev's guidance embedding; FLUX's VAE scaling and shift; FLUX.1-dev's dynamically shifting
+    FlowMatchEulerDiscreteScheduler (base_shift 0.5, max_shift 1.15, sequence lengths 256..4096)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from diffdistill.tokenizers import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        sample_size=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    text_encoder = CLIPTextModel(_clip_config())
+    with tempfile.TemporaryDirectory() as bpe_dir:
+        tokenizer = build_clip_tokenizer(bpe_dir)
+    tokenizer_2 = tiny_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=8, num_layers=1,
+                                             num_heads=2, relative_attention_num_buckets=8))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
 @pytest.fixture()
 def one_thread():
     """Small shapes run best on one intra-op thread; two threads on a busy 2-core machine were measured
@@ -184,6 +217,12 @@ def tiny_sdxl(tmp_path_factory) -> str:
 def tiny_sd3(tmp_path_factory) -> str:
     """Path of a tiny SD3 pipeline folder (rectified flow, shift 3, with a tiny T5), built once per session."""
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> str:
+    """Path of a tiny FLUX.1-dev-style pipeline folder (guidance-distilled, dynamic shifting), built once."""
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
 
 
 @pytest.fixture(scope="session")

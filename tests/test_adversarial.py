@@ -199,8 +199,9 @@ def test_student_timesteps_and_inputs(tiny_sd, tmp_path, monkeypatch, one_thread
 def test_adversarial_configs_are_checked(tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match="data.images"):  # ADD trains on real images
         load_config(TINY, ["objective={name: add}"])
-    with pytest.raises(ConfigError, match="student.guidance"):
-        load_config(TINY, ["objective={name: ladd}", "student.guidance=2.0"])
+    with pytest.raises(ConfigError, match="student.guidance"):  # checked at set-up, with the student built
+        Trainer(load_config(TINY, ["objective={name: ladd}", "student.guidance=2.0", f"teacher.path={tiny_sd}",
+                                   f"train.output_dir={tmp_path / 'g'}"]))
     with pytest.raises(ConfigError, match="student.gamma"):
         load_config(TINY, ["objective={name: ladd}", "student.gamma=0"])
     with pytest.raises(ConfigError, match="objective.r1"):

@@ -115,8 +115,9 @@ def test_backward_simulation_runs_the_students_own_steps(tiny_sd, tmp_path, monk
 def test_dmd_configs_are_checked(tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match="data.images"):
         load_config(TINY, ["objective={name: dmd2}"])
-    with pytest.raises(ConfigError, match="student.guidance"):
-        load_config(TINY, ["objective={name: dmd2}", "data.images=digits", "student.guidance=2.0"])
+    with pytest.raises(ConfigError, match="student.guidance"):  # checked at set-up, with the student built
+        Trainer(load_config(TINY, ["objective={name: dmd2}", "data.images=digits", "student.guidance=2.0",
+                                   f"teacher.path={tiny_sd}", f"train.output_dir={tmp_path / 'g'}"]))
     with pytest.raises(ConfigError, match="objective.student_every"):
         load_config(TINY, ["objective={name: dmd2, student_every: 0}", "data.images=digits"])
     cfg = load_config(TINY, ["objective={name: dmd}"])  # DMD: regression + DM, no GAN, 1:1 updates

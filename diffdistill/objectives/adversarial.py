@@ -105,7 +105,6 @@ class LADDConfig(ObjectiveConfig):
                f"need 0 <= min_t < max_t <= 1, got {self.min_t}, {self.max_t}")
 
     def validate_run(self, config) -> None:
-        self.check_unguided_sampler(config)
         self.check_renoising_sampler(config, "trains later steps on data re-noised with fresh noise")
         if self.data == "images":
             self.check_images(config, "with data: images trains on real images")
@@ -126,6 +125,7 @@ class LADD(Objective):
 
     def __init__(self, cfg: LADDConfig, teacher, student: Student, prompt_pool: list[str]):
         super().__init__()
+        cfg.check_unguided_student(student)
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.pool = None
         if cfg.data == "teacher":

@@ -49,13 +49,15 @@ class ObjectiveConfig:
         """Checks against the other sections (e.g. an objective that needs ``data.images``)."""
 
     # -- checks several objectives share ------------------------------------------------------------
-    def check_unguided_sampler(self, config) -> None:
-        """The student samples without CFG: the teacher's guidance is distilled into it."""
+    def check_unguided_student(self, student) -> None:
+        """The student samples without CFG: the teacher's guidance is distilled into it. Checked at set-up, with
+        the student built, because a guidance-embedded network (FLUX.1-dev) takes ``student.guidance`` as the
+        scale it is *told* (one pass, no CFG branch), which any value may be."""
         from ..config import ConfigError
 
-        if config.student.guidance != 1.0:
+        if student.guidance != 1.0 and not student.backbone.embeds_guidance:
             raise ConfigError("student.guidance", f"{self.name} students sample without CFG (the teacher's guidance "
-                              f"is distilled into them); got {config.student.guidance}")
+                              f"is distilled into them); got {student.guidance}")
 
     def check_renoising_sampler(self, config, how: str) -> None:
         """A multi-step student whose later inputs are trained as fresh-noise re-noisings (``how`` says of

@@ -39,6 +39,21 @@ samples without CFG and distils the range's average guidance.
 
 Deviations: real latents are the VAE posterior mean (the script samples the posterior); the guidance
 embedding's new projection starts at zero (the script's is random), so the student starts as the teacher.
+
+Flow teachers (SD3, FLUX: :class:`~diffdistill.schedule.FlowSchedule`, ``x_t = (1 - t) x0 + t eps``). The
+grid, the step below, PCM's phase edges, TDD's candidates and LCM's boundary scalings all live in *grid
+index* space, ``k = 0 .. T-1``, which ``schedule.index_time`` / ``time_index`` map to times: on a VP teacher
+index ``k`` is diffusers timestep ``k`` (``t = (k + 1) / T``, so nothing changes there); on a flow teacher it
+is the ``k``-th training sigma of diffusers' ``FlowMatchEulerDiscreteScheduler(shift)`` in ascending order,
+``t = shift_t((k + 1) / T)`` -- index ``T - 1`` is ``t = 1``, index 0 is ``shift_t(1 / T)`` (0.003 at SD3's
+shift 3), and the 50-point grid is those sigmas at indices 19, 39, ..., 999. LCM's ``c_skip(k)``,
+``c_out(k)`` take the index, so ``f`` is the identity at index 0 on both families. The teacher's DDIM step
+``alpha_m x0_T + sigma_m eps_T`` is, on the flow schedule, exactly the Euler step
+``x_{t_n} + (t_m - t_n) v_T`` of the guided velocity, and the DDIM jumps of PCM and TDD
+(:class:`JumpConsistency`) are ``x + (t_end - t) v_theta``. LCM on flow teachers has no reference
+implementation (ours); PCM follows the official SD3 code (see :class:`PCM`), TDD the index-space rule of
+its official FLUX script (see :class:`TDD`). With a resolution-dependent shift (FLUX), the grid is shifted
+by the teacher's fixed ``exp(mu)``.
 """
 
 from __future__ import annotations
@@ -51,7 +66,7 @@ import torch
 
 from ..backbone import DiffusionBackbone
 from ..config import ConfigError, _check
-from ..schedule import VPSchedule, to_x0_eps
+from ..schedule import FlowSchedule, to_x0_eps
 from ..student import Student
 from . import functional as fn
 from .base import Batch, LossOut, Objective, ObjectiveConfig, Phase
@@ -89,14 +104,13 @@ class LCMConfig(ObjectiveConfig):
 class ConsistencyDistillation(Objective):
     """What LCM, TDD and PCM share: one student phase pulling the student's consistency function at
     ``(x_{t_n}, t_n)`` towards the target network's at the teacher's DDIM step ``(x_{t_m}, t_m)``.
-    Subclasses choose the time pairs (:meth:`times`) and the consistency function (:meth:`consistency`)."""
+    Subclasses choose the time pairs (:meth:`times`) and the consistency function (:meth:`consistency`).
+    Times are chosen as grid indices (``grid_ks``) and mapped by the teacher schedule's ``index_time``: the
+    diffusers timesteps on VP teachers, the flow scheduler's shifted training sigmas on flow teachers; the
+    student's ``timesteps`` must lie on that grid."""
 
     def __init__(self, cfg, teacher, student: Student, prompt_pool: list[str]):
         super().__init__()
-        if not isinstance(teacher.backbone.schedule, VPSchedule):
-            raise ConfigError("teacher.path", f"{cfg.name} distils along a VP (DDPM-family) teacher's DDIM grid; this "
-                              f"teacher is a {type(teacher.backbone.schedule).__name__} model, for which no flow "
-                              "consistency variant is implemented yet")
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.target = None
         if student.adapter is None:  # full student: an EMA copy, not trained by any optimizer
@@ -108,16 +122,21 @@ class ConsistencyDistillation(Objective):
         if T % N:
             raise ConfigError("objective.num_ddim_timesteps", f"must divide the teacher's {T} training timesteps, got {N}")
         self.skip = T // N
-        self.grid_ks = torch.arange(1, N + 1, dtype=torch.float64) * self.skip - 1  # 19, 39, ..., 999
+        # grid indices (schedule.index_time): 19, 39, ..., 999 -- diffusers timesteps on VP, the flow
+        # scheduler's shifted training sigmas on flow
+        self.grid_ks = torch.arange(1, N + 1, dtype=torch.float64) * self.skip - 1
         self._check_student_times()
 
     def _check_student_times(self) -> None:
-        ks = self.teacher.backbone.schedule.to_timestep(torch.tensor(self.student.timesteps, dtype=torch.float64))
+        sched = self.teacher.backbone.schedule
+        ks = sched.time_index(torch.tensor(self.student.timesteps, dtype=torch.float64))
         off = [float(k) for k in ks if not torch.isclose(self.grid_ks, k).any()]
         if off:
-            raise ConfigError("student.timesteps", f"{self.student.timesteps} include diffusers timesteps {off} that are "
-                              f"not on the {self.cfg.num_ddim_timesteps}-step training grid ({self.skip}(i+1) - 1); "
-                              "the consistency function is trained only there")
+            what = "flow training-sigma indices" if isinstance(sched, FlowSchedule) else "diffusers timesteps"
+            on_grid = [round(sched.index_time(k).item(), 6) for k in self.grid_ks.flip(0)[:3]]
+            raise ConfigError("student.timesteps", f"{self.student.timesteps} include {what} {off} that are not on "
+                              f"the {self.cfg.num_ddim_timesteps}-step training grid (indices {self.skip}(i+1) - 1, "
+                              f"times {on_grid}, ...); the consistency function is trained only there")
 
     def phases(self) -> list[Phase]:
         return [Phase("student", ["student"])]
@@ -153,17 +172,18 @@ class ConsistencyDistillation(Objective):
     # -- the parts subclasses choose -----------------------------------------------------------------
     def times(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(t_n, t_m, t_end)``, each ``(B,)`` float64: the start time on the solver grid, the teacher's
-        DDIM target one grid step below (timestep 0 at the bottom), and where the consistency function
-        maps to (LCM: timestep 0)."""
+        DDIM target one grid step below (grid index 0 at the bottom), and where the consistency function
+        maps to (LCM: grid index 0)."""
         sched = self.teacher.backbone.schedule
         index = batch.randint(len(self.grid_ks))
         k_n = self.grid_ks[index]
         k_m = (k_n - self.skip).clamp_min(0)
-        return sched.from_timestep(k_n), sched.from_timestep(k_m), sched.from_timestep(torch.zeros_like(k_n))
+        return sched.index_time(k_n), sched.index_time(k_m), sched.index_time(torch.zeros_like(k_n))
 
     def consistency(self, net: Student, x_t: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, cond) -> torch.Tensor:
-        """LCM's ``f(x, t) = c_skip x + c_out x0_theta(x, t)`` (its end is always timestep 0)."""
-        k = self.teacher.backbone.schedule.to_timestep(t).to(x_t.device)
+        """LCM's ``f(x, t) = c_skip x + c_out x0_theta(x, t)`` (its end is always grid index 0), the scalings
+        taken at ``t``'s grid index (the diffusers timestep on VP)."""
+        k = self.teacher.backbone.schedule.time_index(t).to(x_t.device)
         c_skip, c_out = fn.lcm_boundary_scalings(k, self.cfg.sigma_data, self.cfg.timestep_scaling)
         c_skip, c_out = (c.to(x_t.dtype).view(-1, *[1] * (x_t.ndim - 1)) for c in (c_skip, c_out))
         return c_skip * x_t + c_out * net(x_t, t, cond, out="x0")
@@ -174,7 +194,8 @@ class ConsistencyDistillation(Objective):
 
     @torch.no_grad()
     def teacher_step(self, x_t: torch.Tensor, t_n: torch.Tensor, t_m: torch.Tensor, cond, w: torch.Tensor):
-        """One DDIM step of the guided teacher from ``t_n`` to ``t_m``: ``alpha_m x0_T + sigma_m eps_T``."""
+        """One DDIM step of the guided teacher from ``t_n`` to ``t_m``: ``alpha_m x0_T + sigma_m eps_T`` (on a
+        flow schedule the Euler step ``x_t + (t_m - t_n) v_T``)."""
         tb = self.teacher.backbone
         with tb.adapter(None):
             pred = tb.cfg(x_t, t_n, cond, self.teacher.empty_cond(len(x_t)), w.to(x_t.device), out=tb.pred_type)
@@ -242,11 +263,38 @@ class PCM(JumpConsistency):
     the consistency function is the DDIM jump to the phase's edge (:class:`JumpConsistency`); the phase is
     that of the start time ``t_n`` for both the student and the target, and when the teacher's step lands on
     the edge the target is ``x_{t_m}`` itself. Sampling is deterministic DDIM from phase top to phase top
-    (``student.gamma: 0``, e.g. diffusers 999, 739, 499, 239 for 4 phases), landing on timestep 0.
+    (``student.gamma: 0``, e.g. diffusers 999, 739, 499, 239 for 4 phases), landing on timestep 0 (on a
+    flow teacher: Euler steps from phase top to phase top, landing on ``t = 0``).
 
     Defaults: the official SD1.5 LoRA run (4 phases, w 4..5 in the form ``cond + w (cond - uncond)``,
     pseudo-Huber); the optional adversarial consistency loss is not implemented (see the adversarial
     family). Full students use an EMA target as LCM does; the official code (LoRA) uses the online one.
+
+    Flow teachers (SD3). Read for facts: the official ``code/text_to_image_sd3/`` (``train_pcm_lora_sd3.py``,
+    ``train_pcm_lora_sd3_adv.py``, ``pcm_fm_deterministic_scheduler.py``, ``run.sh``, ``sd3_test.py``).
+    Verified to match ours: the solver grid is the base's ``FlowMatchEulerDiscreteScheduler`` training
+    sigmas reversed (``sigmas[::-1]``, index ``k`` -> ``shift_t((k + 1) / T)``, the shift of the model's own
+    scheduler config: 3.0 for SD3 Medium) at indices ``T/N (i + 1) - 1``; the step below is the grid point
+    below, and at the bottom index 0 (``sigmas[0] = shift_t(1/T)``, not sigma 0); start indices are uniform;
+    the phase edges are ``floor(linspace(0, N, K, endpoint=False))`` with edge sigma ``grid[E_j - 1]`` or
+    index 0, as ours; the student's and the target's consistency function is ``x + (sigma_edge - sigma) v``
+    (the DDIM jump on the flow schedule), the target network is the online LoRA under ``no_grad``; the
+    teacher's step is the Euler step ``x + (sigma_prev - sigma) v`` with ``cond + w (cond - uncond)``;
+    pseudo-Huber with c = 0.001 (``run.sh``: ``--loss_type huber``); the transformer's timestep is
+    ``1000 sigma``. Their runs (``run.sh``): ``num_euler_timesteps`` 100, ``multiphase`` 1 / 2 / 4. Their
+    guidance is ``w = 3`` hard-coded in the training step (diffusers scale 4; the ``--w_min 4 --w_max 5``
+    flags are parsed but unused). Sampling: ``PCMFMDeterministicScheduler`` Euler-steps over the same grid
+    from phase top to phase top and appends sigma 0 -- diffusers' ``FlowMatchEulerDiscreteScheduler``
+    with ``stochastic_sampling=False`` at those sigmas, which our export writes for ``gamma`` 0. Not
+    followed or not verified: their latents are ``vae.encode(...).sample() * scaling_factor`` without
+    SD3's ``shift_factor`` (ours subtract it, the inverse of SD3's pipeline decoding); the
+    adversarial term (``adv_weight`` 0.1 in every ``run.sh`` command) is not implemented; their LoRA also
+    targets the context stream, the AdaLN norms and the embedders (``student.lora_targets`` can name them).
+    Shift: training takes the base's scheduler config (shift 3 for SD3 Medium) and the training scripts'
+    validation samples with ``PCMFMDeterministicScheduler(1000, 3.0, 100)``; ``sd3_test.py`` loads
+    released deterministic LoRAs named ``..._4step_shift3`` (shift-3 scheduler) and ``..._2step_shift1`` /
+    ``..._4step_shift1`` (shift-1 scheduler, ``pcm_timesteps`` 50). No script or flag in the repository
+    trains with shift 1, so how the shift-1 LoRAs were made could not be verified.
     """
 
     Config = PCMConfig
@@ -257,7 +305,7 @@ class PCM(JumpConsistency):
         self.edge_index = torch.linspace(0, N, K + 1, dtype=torch.float64)[:-1].floor().long()  # E_j
 
     def phase_edges(self) -> torch.Tensor:
-        """The edge timestep of each phase, ascending (0, then ``grid[E_j - 1]``)."""
+        """The edge grid index of each phase, ascending (0, then ``grid[E_j - 1]``)."""
         shifted = (self.edge_index - 1).clamp_min(0)
         return torch.where(self.edge_index > 0, self.grid_ks[shifted], torch.zeros_like(self.grid_ks[shifted]))
 
@@ -267,7 +315,7 @@ class PCM(JumpConsistency):
         k_n = self.grid_ks[index]
         k_m = (k_n - self.skip).clamp_min(0)
         phase = torch.searchsorted(self.edge_index, index, right=True) - 1
-        return sched.from_timestep(k_n), sched.from_timestep(k_m), sched.from_timestep(self.phase_edges()[phase])
+        return sched.index_time(k_n), sched.index_time(k_m), sched.index_time(self.phase_edges()[phase])
 
 
 @dataclass
@@ -310,6 +358,15 @@ class TDD(JumpConsistency):
     Deviations: TDD's scheduler ends on a clean sample (alpha = 1) where ours, like diffusers' TCD, ends on
     timestep 0 (alpha_bar 0.99915 on SD); its inference-time x0 clipping is not implemented; full students
     use an EMA target as LCM does (the official code trains LoRA with the online one).
+
+    Flow teachers: the official FLUX script (``train/FLUX/train_tdd.py``, read for facts) runs the same
+    rule in index space over the scheduler's training sigmas (``sigmas[::-1]``: candidates, window 260 and
+    the ``floor`` shrink on indices, the jump ``x + (sigma_s - sigma) v``), as ours does (it looks ``m`` up
+    from ``1000 sigma_prev``, which on its unshifted sigmas is ``k_m + 1``, where ours uses ``k_m``). Its FLUX
+    scheduler shifts dynamically, so its training sigmas are unshifted, where our FLUX grid carries the
+    teacher's fixed resolution shift; on SD3 (fixed shift) the two agree. Sampling on flow: the same
+    index rule, ``s = floor((1 - gamma) k_next)``, then fresh noise up to the next time; the last step
+    lands on ``t = 0``. No stock flow scheduler runs ``0 < gamma < 1``, so such students do not export.
     """
 
     Config = TDDConfig
@@ -326,7 +383,7 @@ class TDD(JumpConsistency):
         return torch.cat([torch.zeros(1, dtype=torch.float64), union[:-1]])
 
     def target_timestep(self, k_m: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """TDD's ``s`` for each teacher target timestep ``k_m`` (``(B,)``, diffusers timesteps)."""
+        """TDD's ``s`` for each teacher target ``k_m`` (``(B,)`` grid indices: diffusers timesteps on VP)."""
         c = self.candidates
         m = c[torch.searchsorted(c, k_m, right=True) - 1]  # the largest candidate <= k_m
         u_pick, u_shrink = batch.rand().double(), batch.rand().double()
@@ -341,4 +398,4 @@ class TDD(JumpConsistency):
         sched = self.teacher.backbone.schedule
         k_n = self.grid_ks[batch.randint(len(self.grid_ks))]
         k_m = (k_n - self.skip).clamp_min(0)
-        return sched.from_timestep(k_n), sched.from_timestep(k_m), sched.from_timestep(self.target_timestep(k_m, batch))
+        return sched.index_time(k_n), sched.index_time(k_m), sched.index_time(self.target_timestep(k_m, batch))

@@ -45,6 +45,7 @@ import torch
 
 from ..config import ConfigError, _check
 from ..sampling import sample_ode
+from ..schedule import FlowSchedule
 from ..student import Student
 from . import functional as fn
 from .base import Batch, LossOut, Phase
@@ -215,7 +216,6 @@ class DPDMDConfig(DMD2Config):
         if config.student.gamma != 0.0:
             raise ConfigError("student.gamma", f"{self.name} trains the deterministic rollout the student samples "
                               f"with: set student.gamma: 0, got {config.student.gamma}")
-        self.check_unguided_sampler(config)
         self.check_gan_images(config)
 
 
@@ -247,7 +247,7 @@ class DPDMD(DMD2):
     def rollout(self, batch: Batch, cond, grad: bool, noise: torch.Tensor | None = None):
         """``(first, final)``: the student's clean prediction at its first step, and its K-step sample from
         ``noise`` (default: the batch's next draw) by deterministic DDIM (the sampler of ``student.gamma =
-        0``: the last step lands on timestep 0), detached after the first step."""
+        0``: the last step lands on timestep 0, or ``t = 0`` on a flow teacher), detached after the first step."""
         ts, sched = self.student.timesteps, self.student.backbone.schedule
         x = self.noise(batch) if noise is None else noise
         first = None
@@ -256,7 +256,9 @@ class DPDMD(DMD2):
                 x0 = self.student(x, t, cond, out="x0")
                 eps = sched.convert(x0, x, t, "x0", "eps")
                 t_next = sched.from_timestep(0.0) if i + 1 == len(ts) else torch.as_tensor(ts[i + 1], dtype=torch.float64)
-                x = sched.add_noise(x0, eps, sched.from_timestep(torch.floor(sched.to_timestep(t_next))))
+                if not isinstance(sched, FlowSchedule):  # as sample_student: flow steps land on t_next itself
+                    t_next = sched.from_timestep(torch.floor(sched.to_timestep(t_next)))
+                x = sched.add_noise(x0, eps, t_next)
             if i == 0:
                 first, x = x0, x.detach()  # DMD's gradient stops here: the first step learns only its target
         return first, x

@@ -40,9 +40,8 @@ class ScoreDistillationConfig(ObjectiveConfig):
         _check(self.fake_lr is None or self.fake_lr > 0, f"{p}.fake_lr", f"must be positive, got {self.fake_lr}")
 
     def validate_run(self, config) -> None:
-        """Students sample without CFG; multi-step ones are trained by backward simulation, which re-noises
-        with fresh noise: the sampler of ``student.gamma`` 1."""
-        self.check_unguided_sampler(config)
+        """Multi-step students are trained by backward simulation, which re-noises with fresh noise: the sampler
+        of ``student.gamma`` 1. (That they sample without CFG is checked at set-up: ``check_unguided_student``.)"""
         self.check_renoising_sampler(config, "trains later steps by backward simulation, which re-noises the "
                                      "student's own samples with fresh noise")
 
@@ -71,6 +70,7 @@ class ScoreDistillation(Objective):
 
     def __init__(self, cfg: ScoreDistillationConfig, teacher, student: Student):
         super().__init__()
+        cfg.check_unguided_student(student)
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.fake = build_fake_score(cfg, teacher, student)
 
