@@ -177,8 +177,8 @@ class DiffusionBackbone(nn.Module):
     @property
     def token_stride(self) -> int:
         """Latent pixels per image token side: the patch size (SD3), 2 (FLUX's packing); 1 for UNets."""
-        if self.is_flux:
-            return 2 * self.denoiser.config.patch_size
+        if self.is_flux:  # FluxPipeline always packs 2x2 patches; the transformer's own patch_size stays 1
+            return 2
         return self.denoiser.config.patch_size if self.is_mmdit else 1
 
     @property
@@ -197,14 +197,18 @@ class DiffusionBackbone(nn.Module):
         return bool(self.is_flux and self.denoiser.config.guidance_embeds)
 
     def randn_like(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard normal noise shaped like latents ``x``, drawn in the denoiser's own layout (FLUX: packed
-        tokens, then unpacked), so that a sampler drawing from the same generator matches the stock pipeline,
-        whose schedulers draw noise in that layout."""
+        """Standard normal noise shaped like latents ``x``, drawn as the stock pipeline's scheduler draws its
+        step noise, so that a sampler drawing from the same generator matches it: in the denoiser's own layout
+        (FLUX: packed tokens, then unpacked) and, for flow schedules, in float32 (``FlowMatchEulerDiscreteScheduler``
+        upcasts the sample before drawing), else in ``x``'s dtype (``LCMScheduler``, ``TCDScheduler``)."""
+        from .schedule import FlowSchedule
+
+        dtype = torch.float32 if isinstance(self.schedule, FlowSchedule) else x.dtype
         if self.is_flux:
             B, C, H, W = x.shape
-            packed = torch.randn((B, (H // 2) * (W // 2), 4 * C), generator=generator, device=x.device, dtype=x.dtype)
-            return unpack_latents(packed, H, W)
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            packed = torch.randn((B, (H // 2) * (W // 2), 4 * C), generator=generator, device=x.device, dtype=dtype)
+            return unpack_latents(packed, H, W).to(x.dtype)
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype).to(x.dtype)
 
     @property
     def required_extra(self) -> tuple[str, ...]:
@@ -243,7 +247,9 @@ class DiffusionBackbone(nn.Module):
         if self.denoiser.config.guidance_embeds:
             g = cond.guidance if cond.guidance is not None else torch.ones(B)
             guidance = g.to(x_t.device, torch.float32).expand(B)
-        out = self.denoiser(hidden_states=pack_latents(x_t), timestep=timestep / self.schedule.num_train_timesteps,
+        # as FluxPipeline: the timestep cast to the latents' dtype, then divided (the transformer multiplies back)
+        step = timestep.to(x_t.dtype) / self.schedule.num_train_timesteps
+        out = self.denoiser(hidden_states=pack_latents(x_t), timestep=step,
                             guidance=guidance, pooled_projections=cond.extra["text_embeds"],
                             encoder_hidden_states=cond.embeds,
                             txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype),
@@ -275,9 +281,9 @@ class DiffusionBackbone(nn.Module):
         is affine, so doing it in the native prediction space and converting afterwards equals doing
         it in any other space. A denoiser that embeds the guidance (:attr:`embeds_guidance`: LCM's
         ``w``-conditioned UNets, FLUX.1-dev) is instead told ``scale`` in one pass (``uncond`` unused), as
-        diffusers' pipelines run them; at ``scale = 1`` it keeps ``cond``'s own ``guidance``."""
+        diffusers' pipelines run them; at ``scale = 1`` it keeps ``cond``'s own ``guidance`` if it has one."""
         unguided = bool(torch.all(torch.as_tensor(scale) == 1.0))
-        if self.embeds_guidance and not unguided:
+        if self.embeds_guidance and (not unguided or cond.guidance is None):
             return self(x_t, t, cond.with_guidance(scale), out=out)
         if unguided or uncond is None:
             if not unguided:

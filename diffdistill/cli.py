@@ -15,7 +15,8 @@ def _sample(args) -> int:
     from .images import save_grid
 
     try:
-        [model] = resolve_models(args.model, base=args.base, steps=args.steps, guidance=args.guidance)
+        [model] = resolve_models(args.model, base=args.base, steps=args.steps, guidance=args.guidance,
+                                 resolution=args.resolution)
         if args.nasa_scale < 0:
             raise ValueError(f"--nasa-scale must be >= 0, got {args.nasa_scale}")
         sample = sampler(model, negative_prompt=args.negative_prompt, nasa_scale=args.nasa_scale)
@@ -43,7 +44,8 @@ def _eval(args) -> int:
     try:  # everything that can be checked without loading a model
         check_protocol_inputs(args.protocol, args.captions, args.images, args.num_images)
         models = resolve_models(args.model, base=args.base, checkpoint=args.checkpoint,
-                                all_checkpoints=args.all_checkpoints, steps=args.steps, guidance=args.guidance)
+                                all_checkpoints=args.all_checkpoints, steps=args.steps, guidance=args.guidance,
+                                resolution=args.resolution)
     except (EvalInputError, ValueError, OSError, KeyError) as err:
         print(f"diffdistill eval: {err}", file=sys.stderr)
         return 2
@@ -99,9 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a teacher (diffusers folder / hub id) or an exported student")
     p.add_argument("model", help="a diffusers pipeline folder or hub id, an exported student, or a run folder")
     p.add_argument("prompt")
-    p.add_argument("--steps", type=int, default=None, help="teachers: DDIM steps (default 25)")
+    p.add_argument("--steps", type=int, default=None, help="teachers: ODE steps (default: the pipeline class's, "
+                   "SD 25, SD3 / FLUX 28)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="teachers: CFG scale, diffusers convention (1 = none; default 7.5)")
+                   help="teachers: CFG scale, diffusers convention (1 = none; default: the pipeline class's, SD 7.5, "
+                   "SDXL 5, SD3 7, FLUX 3.5 -- embedded, for FLUX.1-dev)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="teachers: image side in pixels (default: the pipeline's native size)")
     p.add_argument("--base", default=None, help="LoRA students: the base pipeline (default: the one recorded)")
     p.add_argument("--negative-prompt", default=None,
                    help="teachers: the CFG negative prompt; students: steered away from through cross-attention "
@@ -121,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=None, help="default: the protocol's")
     p.add_argument("--steps", type=int, default=None, help="teachers only (students use their trained recipe)")
     p.add_argument("--guidance", type=float, default=None, help="teachers only; diffusers convention")
+    p.add_argument("--resolution", type=int, default=None, help="teachers only: image side in pixels")
     p.add_argument("--base", default=None, help="LoRA students: the base pipeline (default: the one recorded)")
     p.add_argument("--checkpoint", default=None, help="run folders: a checkpoint (step-NNNNNN or a step)")
     p.add_argument("--all-checkpoints", action="store_true", help="run folders: every complete checkpoint")

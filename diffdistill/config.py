@@ -48,7 +48,8 @@ class TeacherConfig:
 
     def validate(self, p: str) -> None:
         _check(bool(self.path), f"{p}.path", "must name a hub id or a local diffusers folder")
-        _check(self.resolution is None or (isinstance(self.resolution, int) and self.resolution > 0),
+        _check(self.resolution is None or (isinstance(self.resolution, int) and not isinstance(self.resolution, bool)
+                                           and self.resolution > 0),
                f"{p}.resolution", f"must be a positive number of pixels or null, got {self.resolution!r}")
         _check(self.dtype in ("float32", "float16", "bfloat16"), f"{p}.dtype",
                f"must be float32, float16 or bfloat16, got {self.dtype!r}")

@@ -269,6 +269,7 @@ def _recipe(teacher, student, config, step, ks: list[int], scheduler_config: dic
               "num_inference_steps": len(ks), "guidance": float(student.guidance), "gamma": float(student.gamma),
               "base": str(teacher.source), "base_pipeline": teacher.pipeline_class,
               "base_signature": teacher.backbone.signature(), "resolution": teacher.image_size,
+              "guidance_embedded": bool(student.backbone.embeds_guidance),
               "objective": config.objective.name if config is not None else None, "step": step,
               "prediction_type": student.backbone.pred_type, "dtype": str(teacher.dtype).replace("torch.", ""),
               "scheduler": {"class": scheduler_class(student), "default_call_reproduces": default_call,

@@ -82,7 +82,9 @@ def _usage(recipe: dict, location: str, prompt: str) -> str:
     eta = f", eta={gamma:g}" if 0.0 < gamma < 1.0 else ""
     side = recipe.get("resolution")  # the trained size: a pipeline's own default may differ (FLUX: 1024)
     size = f", height={side}, width={side}" if side else ""
-    call = f'image = pipe("{prompt}", num_inference_steps={k}, guidance_scale={g}{size}{timesteps}{eta}).images[0]'
+    flux_cfg = recipe.get("base_pipeline") == "FluxPipeline" and not recipe.get("guidance_embedded", True) and g != 1
+    guidance_arg = f'true_cfg_scale={g}, negative_prompt=""' if flux_cfg else f"guidance_scale={g}"
+    call = f'image = pipe("{prompt}", num_inference_steps={k}, {guidance_arg}{size}{timesteps}{eta}).images[0]'
     if recipe["kind"] == "full":
         code = ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
                 f'pipe = DiffusionPipeline.from_pretrained("{location}", dtype=torch.{dtype})  # .to("cuda") on a GPU\n'
@@ -94,8 +96,10 @@ def _usage(recipe: dict, location: str, prompt: str) -> str:
                 f'pipe.load_lora_weights("{location}")\n'
                 "pipe.fuse_lora()  # optional: merge the adapter into the base weights (same images)\n"
                 f"{call}")
-    notes = [(f"Always pass `guidance_scale={g}`: the pipeline's default (7.5) is not the trained recipe. "
-              "StableDiffusionPipeline applies guidance only when `guidance_scale > 1`."),
+    notes = [(f"Always pass `{guidance_arg}`: the pipeline's own default guidance is not the trained recipe. "
+              "SD pipelines apply CFG only when `guidance_scale > 1`; a network that embeds the guidance (LCM's "
+              "w-conditioned UNets, FLUX.1-dev) is told the scale in one pass, with no CFG branch; FLUX without a "
+              "guidance embedding runs CFG only through `true_cfg_scale` with a negative prompt."),
              "With a fixed `generator`, these calls give the same images as diffdistill's own student sampler."]
     if scheduler == "FlowMatchEulerDiscreteScheduler" and gamma == 1.0:  # the step's noise is not `generator`'s
         notes[-1] = ("The pipeline does not pass its `generator` to the scheduler's step, so the re-noising "

@@ -169,6 +169,20 @@ def dynamic_shift_mu(scheduler_config: dict, image_seq_len: int) -> float:
     return b_lo + (b_hi - b_lo) * (image_seq_len - lo) / (hi - lo)
 
 
+def embeds_guidance_locally(path: str) -> bool | None:
+    """Whether the pipeline folder ``path`` holds a denoiser that embeds the guidance scale (a FLUX transformer
+    with ``guidance_embeds``, a UNet with ``time_cond_proj_dim``), read from its JSON configs without loading
+    weights; None when ``path`` is not a local folder (a hub id) or its configs cannot be read."""
+    folder = Path(path)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        family = FAMILIES[index["_class_name"]]
+        config = json.loads((folder / family.denoiser[1] / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return bool(config.get("guidance_embeds")) or config.get("time_cond_proj_dim") is not None
+
+
 def schedule_and_prediction(scheduler_config: dict, image_seq_len: int | None = None):
     """Our schedule and prediction type from a diffusers scheduler config: ``FlowMatchEulerDiscreteScheduler``
     -> :class:`FlowSchedule` with its ``shift``, predicting the flow; any other -> :class:`VPSchedule`.
@@ -211,9 +225,14 @@ class Family:
     text_encoders: ClassVar[dict[str, str]] = {}
     optional: ClassVar[frozenset[str]] = frozenset()  # text encoders a pipeline may leave out ([null, null])
     tokenizers: ClassVar[dict[str, str]] = {}         # tokenizer class per text encoder (default CLIPTokenizer)
+    sampler_defaults: ClassVar[tuple[int, float]] = (25, 7.5)  # (steps, guidance) when a teacher sample names none
 
     def encode(self, teacher: Teacher, prompts: list[str]) -> Cond:
         raise NotImplementedError
+
+    def defaults(self, teacher: Teacher) -> tuple[int, float]:
+        """``(steps, guidance)`` to sample this teacher with when none are given: the pipeline's own guidance."""
+        return self.sampler_defaults
 
     def native_latent_side(self, teacher: Teacher) -> int:
         """The latent side the pipeline generates at by default (its denoiser's ``sample_size``)."""
@@ -295,10 +314,11 @@ class StableDiffusionXL(UNetFamily):
     """``StableDiffusionXLPipeline``: two CLIP text encoders whose penultimate hidden states are concatenated
     (``embeds``), the second one's projected pooled output (``extra["text_embeds"]``) and the micro-conditioning
     ``extra["time_ids"] = (H, W, 0, 0, H, W)`` (original size, crop top-left, target size) for the teacher's
-    native image size. Without a negative prompt, CFG's unconditional branch is zeros when the pipeline's
+    image size (``teacher.resolution``, default native). Without a negative prompt, CFG's unconditional branch is zeros when the pipeline's
     ``force_zeros_for_empty_prompt`` is set (SDXL base's default), else the encoded empty prompt."""
 
     pipeline_class = "StableDiffusionXLPipeline"
+    sampler_defaults: ClassVar[tuple[int, float]] = (25, 5.0)  # the pipeline's guidance_scale default
     text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "CLIPTextModel",
                                                "text_encoder_2": "CLIPTextModelWithProjection"}
 
@@ -314,7 +334,8 @@ class StableDiffusionXL(UNetFamily):
 
     @staticmethod
     def time_ids(teacher: Teacher, n: int) -> torch.Tensor:
-        """``(n, 6)``: original size, crop top-left, target size -- the pipeline's defaults at the native size."""
+        """``(n, 6)``: original size, crop top-left, target size -- the pipeline's defaults at the teacher's
+        image size (``height = width = teacher.image_size``)."""
         side = teacher.image_size
         return torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).repeat(n, 1)
 
@@ -352,6 +373,7 @@ class StableDiffusion3(Family):
     transformer's ``pooled_projections``). CFG's unconditional branch is the encoded empty prompt."""
 
     pipeline_class = "StableDiffusion3Pipeline"
+    sampler_defaults: ClassVar[tuple[int, float]] = (28, 7.0)  # the pipeline's defaults
     denoiser = ("SD3Transformer2DModel", "transformer")
     text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "CLIPTextModelWithProjection",
                                                "text_encoder_2": "CLIPTextModelWithProjection",
@@ -419,6 +441,12 @@ class Flux(Family):
     pipeline's ``true_cfg_scale`` with ``negative_prompt=""``."""
 
     pipeline_class = "FluxPipeline"
+    sampler_defaults: ClassVar[tuple[int, float]] = (28, 3.5)  # the pipeline's defaults (3.5: embedded, FLUX.1-dev)
+
+    def defaults(self, teacher: Teacher) -> tuple[int, float]:
+        """Without a guidance embedding (schnell) the pipeline runs no guidance unless ``true_cfg_scale`` is set."""
+        steps, guidance = self.sampler_defaults
+        return steps, guidance if teacher.backbone.embeds_guidance else 1.0
     denoiser = ("FluxTransformer2DModel", "transformer")
     text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"}
     tokenizers: ClassVar[dict[str, str]] = {"text_encoder_2": "AutoTokenizer"}
@@ -502,6 +530,8 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | to
     from diffusers import AutoencoderKL, DDPMScheduler
 
     path = str(path)
+    if resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool)):
+        raise TypeError(f"resolution is a whole number of pixels, got {resolution!r}")
     index = read_model_index(path)
     cls = index.get("_class_name")
     if cls not in FAMILIES:

@@ -146,9 +146,13 @@ def generate(teacher, prompts: Sequence[str], *, num_steps: int = 25, guidance: 
     from .pipeline import sampling_grid
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    embedded = teacher.backbone.embeds_guidance  # FLUX.1-dev: the scale is told to the network, no CFG branch
+    if embedded and negative_prompt is not None:
+        raise ValueError(f"{type(teacher.backbone.denoiser).__name__} embeds the guidance scale and runs no CFG branch: "
+                         "there is no unconditional prediction for a negative prompt to replace")
     cond = teacher.encode_prompt(prompts)
     uncond = None
-    if guidance != 1.0:
+    if guidance != 1.0 and not embedded:
         uncond = teacher.empty_cond(len(prompts)) if negative_prompt is None else \
             teacher.encode_prompt([negative_prompt] * len(prompts))
     shape = (len(prompts), *teacher.latent_shape)

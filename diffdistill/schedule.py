@@ -237,7 +237,9 @@ class FlowSchedule(Schedule):
     def index_time(self, k) -> torch.Tensor:
         """``shift_t((k + 1) / N)``: index ``k`` is the ``k``-th of the ``N`` training sigmas of diffusers'
         ``FlowMatchEulerDiscreteScheduler(shift=shift)`` in ascending order (its ``sigmas`` run from index
-        ``N - 1``, ``t = 1`` exactly, down to index 0, ``t = shift_t(1 / N)``)."""
+        ``N - 1``, ``t = 1`` exactly, down to index 0, ``t = shift_t(1 / N)``). For a dynamically shifting
+        scheduler (FLUX) ``shift`` is the one fixed at the teacher's size, where that scheduler's own training
+        sigmas are unshifted."""
         u = (_as_time(k) + 1) / self.num_train_timesteps
         return torch.where(u == 1, torch.ones_like(u), self.shift_t(u))
 

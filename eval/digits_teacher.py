@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from diffdistill.demo import EMBEDDED_TEACHER
+from diffdistill.config import EMBEDDED_TEACHER
 from diffdistill.eval.evaluator import DigitsEvaluator
 from diffdistill.eval.protocols import digits_protocol
 from diffdistill.images import save_grid

@@ -48,6 +48,25 @@ def test_cfg_is_diffusers_convention(unet_backbone):
         bb.cfg(x, t, cond, None, 3.0)
 
 
+def test_cfg_on_a_guidance_embedded_unet_is_one_told_pass(unet_backbone):
+    """LCM's w-conditioned UNet (time_cond_proj_dim): StableDiffusionPipeline runs no CFG branch for it and
+    embeds w = scale - 1 (0 at scale 1); cfg() does the same, a scale already on the Cond is kept at scale 1."""
+    from diffdistill.student import with_guidance_embedding
+
+    bb = unet_backbone
+    grown = with_guidance_embedding(bb.denoiser, 16).requires_grad_(False)
+    torch.nn.init.normal_(grown.time_embedding.cond_proj.weight, std=0.5)  # make the embedding matter
+    told = DiffusionBackbone(grown, bb.schedule, bb.pred_type)
+    assert told.embeds_guidance and not bb.embeds_guidance
+    x, t, cond, uncond = _inputs()
+    with torch.no_grad():
+        one = told(x, t, cond.with_guidance(1.0))
+        assert torch.equal(told.cfg(x, t, cond, None, 1.0), one)  # unset at scale 1: told 1
+        assert torch.equal(told.cfg(x, t, cond, uncond, 4.0), told(x, t, cond.with_guidance(4.0)))  # no CFG branch
+        assert torch.equal(told.cfg(x, t, cond.with_guidance(4.0), None, 1.0), told(x, t, cond.with_guidance(4.0)))
+        assert (told(x, t, cond.with_guidance(4.0)) - one).abs().max() > 1e-4
+
+
 def test_prompt_latent_batch_mismatch_is_named(unet_backbone):
     x, t, _, _ = _inputs(batch=4)
     with pytest.raises(ValueError, match="batch 3 but the latents have batch 4"):

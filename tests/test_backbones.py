@@ -216,6 +216,14 @@ OBJECTIVE_CASES = {
     "ladd": ["objective={name: ladd, num_pairs: 4, teacher_steps: 2}"],  # heads on each backbone's features
     "add": ["objective={name: add, r1: approx}", "data.images=digits", "student.timesteps=[1.0]"],
     "snoopi": ["objective={name: snoopi, fake_lora_rank: 4}", "student.timesteps=[1.0]"],  # a LoRA fake score
+    "swiftbrush": ["objective={name: swiftbrush, fake_lora_rank: 4}", "student.timesteps=[1.0]"],
+    "dmd": ["objective={name: dmd, teacher_steps: 2, num_pairs: 4}", "student.timesteps=[1.0]"],  # + regression
+    "dpdmd": ["objective={name: dpdmd, anchor_steps: 2, anchor_grid: 4, student_every: 1}", "data.images=digits",
+              "student.gamma=0"],
+    "pcm": ["objective={name: pcm, num_phases: 1}", "data.images=digits", "student.timesteps=[1.0]",
+            "student.gamma=0"],
+    "tdd": ["objective={name: tdd, min_steps: 1, max_steps: 2}", "data.images=digits", "student.timesteps=[1.0]",
+            "student.gamma=0"],  # gamma-sampling (0 < gamma < 1) has no stock flow scheduler to export to
 }
 
 

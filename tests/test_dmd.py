@@ -115,7 +115,12 @@ def test_backward_simulation_runs_the_students_own_steps(tiny_sd, tmp_path, monk
 def test_dmd_configs_are_checked(tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match="data.images"):
         load_config(TINY, ["objective={name: dmd2}"])
-    with pytest.raises(ConfigError, match="student.guidance"):  # checked at set-up, with the student built
+    with pytest.raises(ConfigError, match="student.guidance"):  # a local teacher: caught at config load
+        load_config(TINY, ["objective={name: dmd2}", "data.images=digits", "student.guidance=2.0"])
+    hub = load_config(TINY, ["objective={name: dmd2}", "data.images=digits", "student.guidance=2.0",
+                             "teacher.path=owner/not-downloaded"])  # a hub id: checked at set-up, once loaded
+    assert hub.student.guidance == 2.0
+    with pytest.raises(ConfigError, match="student.guidance"):
         Trainer(load_config(TINY, ["objective={name: dmd2}", "data.images=digits", "student.guidance=2.0",
                                    f"teacher.path={tiny_sd}", f"train.output_dir={tmp_path / 'g'}"]))
     with pytest.raises(ConfigError, match="objective.student_every"):

@@ -107,6 +107,39 @@ def test_flux_true_cfg_without_guidance_embedding(tmp_path, one_thread):
     assert diff < 1e-4
     unguided = generate(teacher, TINY_PROMPTS, num_steps=4, guidance=1.0, generator=torch.Generator().manual_seed(1))
     assert (unguided - ours).abs().max() > 1e-3  # the CFG branch did something
+    # a 1-step student with CFG 3 exports with FluxPipeline's true-CFG call (guidance_scale would be ignored)
+    from diffusers import DiffusionPipeline
+
+    student = _perturbed(teacher, "full", guidance=3.0)
+    student.timesteps = [1.0]
+    out = export_student(teacher, student, tmp_path / "student")
+    assert 'true_cfg_scale=3.0, negative_prompt=""' in (out / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(TINY_PROMPTS, num_inference_steps=1, true_cfg_scale=3.0, negative_prompt="", height=SIDE,
+                  width=SIDE, generator=torch.Generator().manual_seed(7), output_type="pt").images
+    assert (_ours(teacher, student) - theirs).abs().max() < 1e-4
+
+
+def test_flux_teacher_defaults_and_refusals(tiny_flux, flux_teacher, tmp_path):
+    """Sampled without a recipe, a FLUX.1-dev teacher uses FluxPipeline's 28 steps at embedded guidance 3.5 (one
+    pass a step); it has no unconditional branch for a negative prompt; sizes and students are checked."""
+    from diffdistill.eval.harness import EvalInputError, Model, recipe, resolve_models
+
+    [model] = resolve_models(tiny_flux, resolution=SIDE)
+    assert model.resolution == SIDE and recipe(model) == (None, 28, 3.5)
+    assert model.load()[0].latent_shape == (4, 8, 8)
+    with pytest.raises(ValueError, match="no unconditional prediction for a negative prompt"):
+        generate(flux_teacher, TINY_PROMPTS, num_steps=2, guidance=3.5, negative_prompt="blurry")
+    with pytest.raises(EvalInputError, match="--resolution must be a positive number"):
+        resolve_models(tiny_flux, resolution=0)
+    student = _perturbed(flux_teacher, "full", guidance=3.5)
+    out = export_student(flux_teacher, student, tmp_path / "s")
+    with pytest.raises(EvalInputError, match="--resolution applies to teachers only"):
+        resolve_models(str(out), resolution=SIDE)
+    with pytest.raises(TypeError, match="whole number of pixels"):
+        load_teacher(tiny_flux, resolution=16.0)
+    assert Model("x", "teacher", tiny_flux).resolution is None
 
 
 def test_flux_guidance_embedding_and_features(flux_teacher, one_thread):

@@ -38,3 +38,18 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     teacher = load_teacher(str(resumed))  # our loader takes it as an SD1.5 checkpoint
     assert teacher.backbone.pred_type == "eps" and teacher.latent_shape == (4, 8, 8)
     assert teacher.pipeline_class == "StableDiffusionPipeline"
+
+
+def test_asset_scripts_import_and_parse_their_arguments(capsys):
+    """The scripts of trainers/README.md's re-creation recipe load and show their options (an import that
+    moved breaks them before any training starts)."""
+    import pytest
+
+    for path in (ROOT / "trainers" / "train_teacher.py", ROOT / "trainers" / "train_evaluator.py",
+                 ROOT / "eval" / "digits_teacher.py"):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with pytest.raises(SystemExit) as done:
+            module.main(["--help"])
+        assert done.value.code == 0 and "--out" in capsys.readouterr().out, path

@@ -12,11 +12,6 @@ A genuine latent text-to-image diffusion model in Stable Diffusion 1.5's format,
 
 Seeded; each stage checkpoints atomically into --work and resumes from there when re-run.
 
-Speed (the same maths, arranged for a 2-core CPU): the convolutional networks run in channels-last memory
-layout, and each batch's text encoder pass runs once per distinct caption
-(the batch draws its captions from 101, so ~73 distinct of 128) and is gathered back per sample -- the
-function and its gradient are unchanged; floating-point summation order is not.
-
     python trainers/train_teacher.py --out assets/teachers/digits-sd --work runs/teacher
 """
 
@@ -91,12 +86,8 @@ def _save(path: Path, step: int, modules: dict, opt, ema: dict | None, g: torch.
     save_state(path, {**tensors, **opt_tensors}, {"step": step, "optimizer": opt_meta})
 
 
-CHANNELS_LAST = torch.channels_last
-
-
 def train_vae(vae, images, args, work: Path):
     g = torch.Generator().manual_seed(args.seed)
-    vae.to(memory_format=CHANNELS_LAST)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     ckpt = work / "vae.safetensors"
     start, rng = _resume(ckpt, {"vae": vae}, opt, None)
@@ -104,7 +95,7 @@ def train_vae(vae, images, args, work: Path):
         g.set_state(rng)
     vae.train()
     for step in (bar := tqdm(range(start, args.vae_steps), desc="1/2 vae", initial=start, total=args.vae_steps)):
-        x = images[torch.randint(len(images), (args.vae_batch,), generator=g)].contiguous(memory_format=CHANNELS_LAST)
+        x = images[torch.randint(len(images), (args.vae_batch,), generator=g)]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(g)).sample
         loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + args.kl_weight * post.kl().mean() / post.mean[0].numel()
@@ -115,7 +106,7 @@ def train_vae(vae, images, args, work: Path):
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.vae_steps:
             _save(ckpt, step + 1, {"vae": vae}, opt, None, g)
-    return vae.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
+    return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -130,7 +121,6 @@ def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, labels, arg
     captions = [caption(d, t) for d in range(10) for t in TRAIN_TEMPLATES]
     ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
                     return_tensors="pt").input_ids
-    unet.to(memory_format=CHANNELS_LAST)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = {"unet": EMA(unet, args.ema_decay), "text_encoder": EMA(text_encoder, args.ema_decay)}
@@ -150,9 +140,8 @@ def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, labels, arg
         cap = torch.where(torch.rand(args.batch, generator=g) < args.p_empty, len(captions), cap)
         k = torch.randint(0, schedule.num_train_timesteps, (args.batch,), generator=g)
         eps = torch.randn(z0.shape, generator=g)
-        z_t = schedule.add_noise(z0, eps, schedule.from_timestep(k)).contiguous(memory_format=CHANNELS_LAST)
-        distinct, where = torch.unique(cap, return_inverse=True)  # one text encoder pass per distinct caption
-        embeds = text_encoder(ids[distinct])[0][where]
+        z_t = schedule.add_noise(z0, eps, schedule.from_timestep(k))
+        embeds = text_encoder(ids[cap])[0]
         loss = F.mse_loss(unet(z_t, k, encoder_hidden_states=embeds).sample, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -166,7 +155,7 @@ def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, labels, arg
             _save(ckpt, step + 1, modules, opt, ema, g)
     for name, module in modules.items():
         ema[name].copy_to(module)
-        module.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
+        module.eval().requires_grad_(False)
 
 
 def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer) -> None:

@@ -22,7 +22,6 @@ from .protocols import get_protocol
 
 # the digits teacher's tuned recipe (issue notes: guidance 2 gives the best FID at >= 95% accuracy)
 TEACHER_DEFAULTS = {"digits": (25, 2.0)}
-DIFFUSERS_DEFAULT = (25, 7.5)
 
 
 class EvalInputError(ValueError):
@@ -41,6 +40,7 @@ class Model:
     checkpoint: str | None = None
     steps: int | None = None
     guidance: float | None = None
+    resolution: int | None = None  # teachers: image side in pixels (default: the pipeline's native size)
     loaded: tuple = field(default=(), repr=False)
 
     def load(self):
@@ -50,7 +50,7 @@ class Model:
             from ..pipeline import load_teacher
 
             if self.kind == "teacher":
-                self.loaded = (load_teacher(self.path), None)
+                self.loaded = (load_teacher(self.path, resolution=self.resolution), None)
             elif self.kind == "export":
                 self.loaded = load_student(self.path, base=self.base)
             else:
@@ -65,12 +65,18 @@ def _is_run(folder: Path) -> bool:
 
 def resolve_models(spec: str, *, base: str | None = None, checkpoint: str | None = None,
                    all_checkpoints: bool = False, steps: int | None = None,
-                   guidance: float | None = None) -> list[Model]:
-    """What ``MODEL`` names, checked without loading weights."""
+                   guidance: float | None = None, resolution: int | None = None) -> list[Model]:
+    """What ``MODEL`` names, checked without loading weights. ``steps``, ``guidance`` and ``resolution`` apply
+    to teachers only (students sample with their trained recipe, at their trained size)."""
+    if resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1):
+        raise EvalInputError(f"--resolution must be a positive number of pixels, got {resolution!r}")
     from .. import checkpoint as ckpt
     from ..export import RECIPE_FILE
 
     folder = Path(spec)
+    if resolution is not None and (_is_run(folder) or (folder / RECIPE_FILE).is_file()):
+        raise EvalInputError(f"{spec} is a student: it samples at its trained size (teacher.resolution of its run, "
+                             "recorded in diffdistill.json); --resolution applies to teachers only")
     if _is_run(folder):
         if all_checkpoints:
             found = sorted(ckpt.complete_checkpoints(folder))
@@ -99,7 +105,7 @@ def resolve_models(spec: str, *, base: str | None = None, checkpoint: str | None
                                  "student (no diffdistill.json) or a run folder (no config.yaml + checkpoints/)")
     elif spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise EvalInputError(f"{spec} does not exist (and is not a hub id of the form owner/name)")
-    return [Model(folder.name or spec, "teacher", spec, steps=steps, guidance=guidance)]
+    return [Model(folder.name or spec, "teacher", spec, steps=steps, guidance=guidance, resolution=resolution)]
 
 
 def check_protocol_inputs(protocol: str, captions: str | None, images: str | None, num_images: int | None):
@@ -121,11 +127,12 @@ def check_protocol_inputs(protocol: str, captions: str | None, images: str | Non
 
 def recipe(model: Model, protocol: str | None = None) -> tuple[list[float] | None, int, float]:
     """(student times, or None for a teacher's ODE; steps; guidance). Teachers: ``model.steps`` /
-    ``model.guidance``, else the protocol's tuned teacher recipe, else diffusers' defaults (25, 7.5)."""
-    _, student = model.load()
+    ``model.guidance``, else the protocol's tuned teacher recipe, else the pipeline class's defaults
+    (``Family.defaults``: SD 25 / 7.5, SDXL 25 / 5, SD3 28 / 7, FLUX.1-dev 28 / 3.5 embedded, schnell 28 / 1)."""
+    teacher, student = model.load()
     if student is not None:
         return student.timesteps, len(student.timesteps), student.guidance
-    steps, guidance = TEACHER_DEFAULTS.get(protocol, DIFFUSERS_DEFAULT)
+    steps, guidance = TEACHER_DEFAULTS.get(protocol) or teacher.family.defaults(teacher)
     return None, model.steps or steps, model.guidance if model.guidance is not None else guidance
 
 
@@ -174,7 +181,8 @@ def evaluate(model: Model, protocol: str, *, num_images: int | None = None, seed
     times, steps, guidance = recipe(model, protocol)
     sample = sampler(model, protocol)
     p = get_protocol(protocol)
-    cfg_scale = guidance if student is None else student.cfg_scale  # a guidance-embedded student: one pass
+    # a guidance-embedded network (LCM's w-conditioned student, FLUX.1-dev) runs one pass per step
+    cfg_scale = (1.0 if teacher.backbone.embeds_guidance else guidance) if student is None else student.cfg_scale
     result, imgs = _run_protocol(sample, protocol, num_images, seed, captions, images,
                                  nfe=steps * (2 if cfg_scale != 1.0 else 1))
     result.update(model=model.label, source=model.path, checkpoint=model.checkpoint, steps=steps, guidance=guidance,

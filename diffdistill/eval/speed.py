@@ -87,7 +87,8 @@ def measure_speed(teacher, prompts: Sequence[str], *, num_steps: int = 25, ts=No
 
     def run():
         (cond, uncond), t_text = timed(lambda: (teacher.encode_prompt(prompts),
-                                                teacher.empty_cond(B) if guidance != 1.0 else None))
+                                                teacher.empty_cond(B) if guidance != 1.0 and
+                                                not teacher.backbone.embeds_guidance else None))
         latents, t_den = timed(lambda: sampler(teacher.backbone, noise, cond, ts, uncond=uncond, guidance=guidance))
         _, t_vae = timed(lambda: teacher.decode_latents(latents))
         return t_text, t_den, t_vae

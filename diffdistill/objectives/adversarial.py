@@ -105,6 +105,7 @@ class LADDConfig(ObjectiveConfig):
                f"need 0 <= min_t < max_t <= 1, got {self.min_t}, {self.max_t}")
 
     def validate_run(self, config) -> None:
+        self.check_unguided_sampler(config)
         self.check_renoising_sampler(config, "trains later steps on data re-noised with fresh noise")
         if self.data == "images":
             self.check_images(config, "with data: images trains on real images")

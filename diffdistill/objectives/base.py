@@ -49,6 +49,17 @@ class ObjectiveConfig:
         """Checks against the other sections (e.g. an objective that needs ``data.images``)."""
 
     # -- checks several objectives share ------------------------------------------------------------
+    def check_unguided_sampler(self, config) -> None:
+        """At config load, where the teacher is a local folder: the student samples without CFG unless its
+        network embeds the guidance (then ``student.guidance`` is the scale it is told). Hub ids are checked at
+        set-up (:meth:`check_unguided_student`), once the teacher is loaded."""
+        from ..config import ConfigError
+        from ..pipeline import embeds_guidance_locally
+
+        if config.student.guidance != 1.0 and embeds_guidance_locally(config.teacher.path) is False:
+            raise ConfigError("student.guidance", f"{self.name} students sample without CFG (the teacher's guidance "
+                              f"is distilled into them); got {config.student.guidance}")
+
     def check_unguided_student(self, student) -> None:
         """The student samples without CFG: the teacher's guidance is distilled into it. Checked at set-up, with
         the student built, because a guidance-embedded network (FLUX.1-dev) takes ``student.guidance`` as the

@@ -216,6 +216,7 @@ class DPDMDConfig(DMD2Config):
         if config.student.gamma != 0.0:
             raise ConfigError("student.gamma", f"{self.name} trains the deterministic rollout the student samples "
                               f"with: set student.gamma: 0, got {config.student.gamma}")
+        self.check_unguided_sampler(config)
         self.check_gan_images(config)
 
 

@@ -40,8 +40,9 @@ class ScoreDistillationConfig(ObjectiveConfig):
         _check(self.fake_lr is None or self.fake_lr > 0, f"{p}.fake_lr", f"must be positive, got {self.fake_lr}")
 
     def validate_run(self, config) -> None:
-        """Multi-step students are trained by backward simulation, which re-noises with fresh noise: the sampler
-        of ``student.gamma`` 1. (That they sample without CFG is checked at set-up: ``check_unguided_student``.)"""
+        """Students sample without CFG (unless their network embeds the guidance); multi-step ones are trained by
+        backward simulation, which re-noises with fresh noise: the sampler of ``student.gamma`` 1."""
+        self.check_unguided_sampler(config)
         self.check_renoising_sampler(config, "trains later steps by backward simulation, which re-noises the "
                                      "student's own samples with fresh noise")
 
