@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import lora
-from .schedule import PREDICTION_TYPES, Schedule, _as_time, _bcast
+from .schedule import PREDICTION_TYPES, FlowSchedule, Schedule, _as_time, _bcast
 
 
 @dataclass
@@ -201,8 +201,6 @@ class DiffusionBackbone(nn.Module):
         step noise, so that a sampler drawing from the same generator matches it: in the denoiser's own layout
         (FLUX: packed tokens, then unpacked) and, for flow schedules, in float32 (``FlowMatchEulerDiscreteScheduler``
         upcasts the sample before drawing), else in ``x``'s dtype (``LCMScheduler``, ``TCDScheduler``)."""
-        from .schedule import FlowSchedule
-
         dtype = torch.float32 if isinstance(self.schedule, FlowSchedule) else x.dtype
         if self.is_flux:
             B, C, H, W = x.shape

@@ -81,6 +81,20 @@ def sample_ode(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond, ts:
     return x
 
 
+def step_landing(sched, ts: Sequence[float], i: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t_next, t_s)`` of step ``i`` of the ``gamma`` sampler over ``ts``: the time the step heads for (the
+    next of ``ts``; after the last, timestep 0 on VP, ``t = 0`` on flow) and where its DDIM jump lands, TCD's
+    ``floor((1 - gamma) k_next)`` in training-grid indices (``t_next`` itself for ``gamma = 0`` on flow)."""
+    last = i + 1 == len(ts)
+    if isinstance(sched, FlowSchedule):
+        t_next = _as_time(0.0 if last else ts[i + 1])
+        t_s = t_next if gamma == 0.0 else sched.index_time(torch.floor((1 - gamma) * sched.time_index(t_next)))
+    else:
+        t_next = sched.from_timestep(0.0) if last else _as_time(ts[i + 1])
+        t_s = sched.from_timestep(torch.floor((1 - gamma) * sched.to_timestep(t_next)))
+    return t_next, t_s
+
+
 @torch.no_grad()
 def sample_student(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond, ts: Sequence[float] | torch.Tensor,
                    *, uncond: Cond | None = None, guidance: float = 1.0,
@@ -116,12 +130,7 @@ def sample_student(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond,
             x = sched.add_noise(x0, fresh, ts[i + 1])
             continue
         x0, eps = _x0_eps(backbone, x, t, cond, uncond, guidance)
-        if flow:  # TCD's rule on the flow grid's indices; ends on t = 0 as the flow scheduler does
-            t_next = _as_time(0.0 if last else ts[i + 1])
-            t_s = t_next if gamma == 0.0 else sched.index_time(torch.floor((1 - gamma) * sched.time_index(t_next)))
-        else:
-            t_next = sched.from_timestep(0.0) if last else _as_time(ts[i + 1])
-            t_s = sched.from_timestep(torch.floor((1 - gamma) * sched.to_timestep(t_next)))
+        t_next, t_s = step_landing(sched, ts, i, gamma)
         x = sched.add_noise(x0, eps, t_s)
         if last:
             return x

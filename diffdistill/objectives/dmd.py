@@ -44,8 +44,7 @@ from typing import ClassVar
 import torch
 
 from ..config import ConfigError, _check
-from ..sampling import sample_ode
-from ..schedule import FlowSchedule
+from ..sampling import sample_ode, step_landing
 from ..student import Student
 from . import functional as fn
 from .base import Batch, LossOut, Phase
@@ -256,10 +255,7 @@ class DPDMD(DMD2):
             with torch.set_grad_enabled(grad):
                 x0 = self.student(x, t, cond, out="x0")
                 eps = sched.convert(x0, x, t, "x0", "eps")
-                t_next = sched.from_timestep(0.0) if i + 1 == len(ts) else torch.as_tensor(ts[i + 1], dtype=torch.float64)
-                if not isinstance(sched, FlowSchedule):  # as sample_student: flow steps land on t_next itself
-                    t_next = sched.from_timestep(torch.floor(sched.to_timestep(t_next)))
-                x = sched.add_noise(x0, eps, t_next)
+                x = sched.add_noise(x0, eps, step_landing(sched, ts, i, 0.0)[1])  # as sample_student at gamma 0
             if i == 0:
                 first, x = x0, x.detach()  # DMD's gradient stops here: the first step learns only its target
         return first, x
