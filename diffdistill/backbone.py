@@ -49,6 +49,16 @@ class Cond:
             return self.extra["text_embeds"].flatten(1)
         return self.embeds.mean(dim=1)
 
+    def select(self, i: int) -> Cond:
+        """Sample ``i`` as a conditioning of batch 1, in storage of its own (not a view of this batch)."""
+        g = None if self.guidance is None else self.guidance[i:i + 1].clone()
+        return Cond(self.embeds[i:i + 1].clone(), {k: v[i:i + 1].clone() for k, v in self.extra.items()}, g)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.embeds, *self.extra.values()] + ([] if self.guidance is None else [self.guidance])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def expand(self, n: int) -> Cond:
         """This conditioning for a batch of ``n``: unchanged if it already has ``n``; a batch of 1 repeats."""
         if self.batch_size == n:

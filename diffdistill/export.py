@@ -313,6 +313,8 @@ def _checkpoint_folder(run_dir: Path, checkpoint) -> Path:
         if not found:
             raise ExportError(f"{run_dir} holds no complete checkpoint (checkpoints/step-NNNNNN/{ckpt.MARKER})")
         return found[0]
+    if isinstance(checkpoint, str) and checkpoint.isdigit():  # the CLI's "--checkpoint 750"
+        checkpoint = int(checkpoint)
     folder = Path(checkpoint) if not isinstance(checkpoint, int) else Path(f"step-{checkpoint:06d}")
     if not folder.is_dir():
         folder = ckpt.checkpoints_dir(run_dir) / folder

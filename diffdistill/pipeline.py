@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ class Teacher:
     pipeline_config: dict = field(default_factory=dict)  # model_index.json's settings, e.g. force_zeros_for_empty_prompt
     resolution: int | None = None                # image side in pixels; None: the denoiser's native size
     _empty: dict = field(default_factory=dict, repr=False)
+    _prompts: OrderedDict = field(default_factory=OrderedDict, repr=False)  # (prompt, resolution) -> Cond of batch 1
+    PROMPT_CACHE_BYTES: ClassVar[int] = 64 * 2**20  # embeddings kept by encode_prompt, least recently used dropped
 
     @property
     def family(self) -> Family:
@@ -88,12 +91,28 @@ class Teacher:
     # -- text ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: str | Sequence[str]) -> Cond:
-        """Prompt embeddings exactly as the pipeline class's own ``encode_prompt`` computes them."""
+        """Prompt embeddings exactly as the pipeline class's own ``encode_prompt`` computes them.
+
+        The text encoders are frozen everywhere in diffdistill, so each distinct prompt is encoded once and its
+        embedding kept (up to :attr:`PROMPT_CACHE_BYTES`, least recently used dropped first; :meth:`to` clears
+        them): a run over a small prompt pool pays the text encoders once per prompt, not once per step."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not all(isinstance(p, str) for p in prompts) or len(prompts) == 0:
             raise TypeError("encode_prompt expects a string or a non-empty list of strings")
-        return self.family.encode(self, list(prompts)).to(dtype=self.dtype, device=self.device)
+        keys = [(p, self.resolution) for p in prompts]  # SDXL's time_ids depend on the size
+        missing = [k for k in dict.fromkeys(keys) if k not in self._prompts]
+        if missing:
+            new = self.family.encode(self, [p for p, _ in missing]).to(dtype=self.dtype, device=self.device)
+            for i, k in enumerate(missing):
+                self._prompts[k] = new.select(i)
+        for k in keys:
+            self._prompts.move_to_end(k)
+        out = Cond.cat([self._prompts[k] for k in keys])
+        size = sum(c.nbytes for c in self._prompts.values())
+        while size > self.PROMPT_CACHE_BYTES and len(self._prompts) > 1:
+            size -= self._prompts.popitem(last=False)[1].nbytes
+        return out
 
     def empty_cond(self, batch_size: int = 1) -> Cond:
         """The unconditional branch of CFG when no negative prompt is given, as the pipeline builds it (the
@@ -129,6 +148,7 @@ class Teacher:
             if module is not None:
                 module.to(device=device, dtype=dtype)
         self._empty.clear()
+        self._prompts.clear()
         return self
 
 

@@ -311,6 +311,8 @@ def test_load_run_student_picks_ema_or_live_weights(tiny_sd, tmp_path, one_threa
         got = student.named_parameters_to_train()
         assert info["step"] == 4 and info["objective"] == "regression"
         assert all(torch.equal(got[k], v) for k, v in expected.items())
+    for name in (4, "4", str(tmp_path / "run" / "checkpoints" / "step-000004")):  # int, the CLI's string, a path
+        assert load_run_student(tmp_path / "run", checkpoint=name)[2]["step"] == 4
     with pytest.raises(ExportError, match="not a complete checkpoint"):
         load_run_student(tmp_path / "run", checkpoint=7)
 

@@ -68,6 +68,26 @@ def test_prompt_encoding_and_vae_match_stock_pipeline(tiny_sd, tiny_teacher):
         tiny_teacher.encode_images(torch.zeros(2, 1, 16, 16))
 
 
+def test_encode_prompt_encodes_each_distinct_prompt_once(tiny_sd, monkeypatch):
+    teacher = load_teacher(tiny_sd)
+    seen = []
+    encode = type(teacher.family).encode
+    monkeypatch.setattr(type(teacher.family), "encode", lambda self, t, ps: seen.append(list(ps)) or encode(self, t, ps))
+    prompts = ["a digit 3", "a digit 7", "a digit 3", ""]
+    first = teacher.encode_prompt(prompts)
+    again = teacher.encode_prompt(["a digit 7", "a digit 9"])
+    assert seen == [["a digit 3", "a digit 7", ""], ["a digit 9"]]  # distinct, in order; cached ones skipped
+    plain = encode(teacher.family, teacher, prompts)
+    assert torch.allclose(first.embeds, plain.embeds, atol=1e-6) and torch.equal(again.embeds[0], first.embeds[1])
+    first.embeds.zero_()  # callers get their own tensors, not the cache's
+    assert torch.equal(teacher.encode_prompt("a digit 3").embeds[0], plain.embeds[0])
+    teacher.PROMPT_CACHE_BYTES = 2 * again.select(0).nbytes  # room for two: least recently used dropped
+    teacher.encode_prompt(["a digit 1", "a digit 2"])
+    assert [p for p, _ in teacher._prompts] == ["a digit 1", "a digit 2"]
+    teacher.to(dtype=torch.float32)  # moving the encoders drops the cache
+    assert not teacher._prompts
+
+
 def test_teacher_is_frozen(tiny_teacher):
     for module in (tiny_teacher.backbone, tiny_teacher.text_encoder, tiny_teacher.vae):
         assert not any(p.requires_grad for p in module.parameters())
