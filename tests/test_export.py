@@ -44,6 +44,8 @@ CASES = [
     ("regression", "lora", FOUR, 2.0, ["objective.teacher_steps=2"]),
     ("dmd2", "full", FOUR, 1.0, ["data.images=digits", "objective={name: dmd2, student_every: 1}"]),
     ("dmd2", "lora", [1.0], 1.0, ["data.images=digits", "objective={name: dmd2, student_every: 1}"]),
+    # DMD2's one-step SDXL recipe: pure noise in, the network told timestep 399 (the call passes timesteps=[399])
+    ("dmd2", "full", [0.4], 1.0, ["data.images=digits", "objective={name: dmd2, student_every: 1}"]),
     ("lcm", "lora", LCM4, 1.0, ["data.images=digits", "objective={name: lcm}"]),
     # LCM's guidance embedding: StableDiffusionPipeline embeds guidance_scale instead of running CFG
     ("lcm", "full", LCM4, 3.0, ["data.images=digits", "objective={name: lcm}", "student.guidance_embedding_dim=32"]),
@@ -153,7 +155,7 @@ def test_load_student_restores_the_recipe(trained):
     assert (recipe["kind"], recipe["timesteps"], recipe["guidance"], recipe["objective"], recipe["step"]) == \
         (kind, ts, guidance, objective, 2)
     assert recipe["diffusers_timesteps"] == [round(1000 * t) - 1 for t in ts]
-    assert recipe["scheduler"]["default_call_reproduces"] == (ts != PCM4)
+    assert recipe["scheduler"]["default_call_reproduces"] == (ts not in (PCM4, [0.4]))  # these need timesteps=
     teacher, student, _ = load_run_student(run)
     t2, s2 = load_student(out)
     assert (s2.timesteps, s2.guidance, s2.gamma, s2.adapter is None) == (ts, guidance, student.gamma, kind == "full")

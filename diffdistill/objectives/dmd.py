@@ -25,6 +25,13 @@ Multi-step students (e.g. ``student.timesteps: [1.0, 0.75, 0.5, 0.25]``, = diffu
 the student's input is produced by running the student's own first ``k`` steps from pure noise
 (no gradient), exactly as at inference -- never by noising real data.
 
+One-step students take pure noise and are told ``student.timesteps[0]``. DMD2's SD1.5 run tells them 999
+(``[1.0]``); its one-step SDXL run tells them 399 (``student.timesteps: [0.4]``; authors' config
+``sdxl_cond399_8node_lr5e-7_1step_...``, sampled with ``timesteps=[399]``). For an epsilon-predicting
+network the clean estimate is ``(x - sigma_t eps) / alpha_t``: at 999 (SD's betas) its errors are magnified
+14.6x, at 399 1.16x -- on the digits teacher that magnification is the grey speckle of a 999 student (see
+``configs/demo/dmd2_digits.yaml``). The authors also pre-train that SDXL student with the regression loss.
+
 Defaults are DMD2's SD1.5 recipe (experiments/sdv1.5 scripts): real guidance 1.75, fake guidance 1,
 ``student_every`` 10, t in [0.02, 0.98] for the DM term, GAN weights 1e-3 (generator) / 1e-2
 (discriminator), diffusion-GAN noise over the whole range. The ``dmd`` registry entry sets
