@@ -462,16 +462,16 @@ class Flux(Family):
 
     pipeline_class = "FluxPipeline"
     sampler_defaults: ClassVar[tuple[int, float]] = (28, 3.5)  # the pipeline's defaults (3.5: embedded, FLUX.1-dev)
-
-    def defaults(self, teacher: Teacher) -> tuple[int, float]:
-        """Without a guidance embedding (schnell) the pipeline runs no guidance unless ``true_cfg_scale`` is set."""
-        steps, guidance = self.sampler_defaults
-        return steps, guidance if teacher.backbone.embeds_guidance else 1.0
     denoiser = ("FluxTransformer2DModel", "transformer")
     text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"}
     tokenizers: ClassVar[dict[str, str]] = {"text_encoder_2": "AutoTokenizer"}
     t5_length = 512  # the pipeline's default max_sequence_length
     default_sample_size = 128  # FluxPipeline.default_sample_size: latents of this side by default
+
+    def defaults(self, teacher: Teacher) -> tuple[int, float]:
+        """Without a guidance embedding (schnell) the pipeline runs no guidance unless ``true_cfg_scale`` is set."""
+        steps, guidance = self.sampler_defaults
+        return steps, guidance if teacher.backbone.embeds_guidance else 1.0
 
     def encode(self, teacher: Teacher, prompts: list[str]) -> Cond:
         clip = teacher.text_encoder

@@ -88,6 +88,18 @@ def test_encode_prompt_encodes_each_distinct_prompt_once(tiny_sd, monkeypatch):
     assert not teacher._prompts
 
 
+def test_prompt_cache_benchmark_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "bench_prompt_cache.py"
+    spec = importlib.util.spec_from_file_location("bench_prompt_cache", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--batches", "2", "--batch-size", "4"])
+    assert "2 batches of 4 digit prompts: text encoder every call" in capsys.readouterr().out
+
+
 def test_teacher_is_frozen(tiny_teacher):
     for module in (tiny_teacher.backbone, tiny_teacher.text_encoder, tiny_teacher.vae):
         assert not any(p.requires_grad for p in module.parameters())
