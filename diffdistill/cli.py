@@ -45,7 +45,7 @@ def _eval(args) -> int:
         check_protocol_inputs(args.protocol, args.captions, args.images, args.num_images)
         models = resolve_models(args.model, base=args.base, checkpoint=args.checkpoint,
                                 all_checkpoints=args.all_checkpoints, steps=args.steps, guidance=args.guidance,
-                                resolution=args.resolution)
+                                resolution=args.resolution, student_steps=args.student_steps)
     except (EvalInputError, ValueError, OSError, KeyError) as err:
         print(f"diffdistill eval: {err}", file=sys.stderr)
         return 2
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="teachers only (students use their trained recipe)")
     p.add_argument("--guidance", type=float, default=None, help="teachers only; diffusers convention")
     p.add_argument("--resolution", type=int, default=None, help="teachers only: image side in pixels")
+    p.add_argument("--student-steps", type=int, default=None, help="students only: sample with the first N of the "
+                   "trained timesteps (a multi-step student's result after N steps)")
     p.add_argument("--base", default=None, help="LoRA students: the base pipeline (default: the one recorded)")
     p.add_argument("--checkpoint", default=None, help="run folders: a checkpoint (step-NNNNNN or a step)")
     p.add_argument("--all-checkpoints", action="store_true", help="run folders: every complete checkpoint")
@@ -161,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("steps", "num_images"):
+    for name in ("steps", "num_images", "student_steps"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"diffdistill: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)

@@ -87,6 +87,48 @@ def test_eval_run_folder_final_and_all_checkpoints(run, tmp_path, one_thread):
     assert in_training["step"] == 2 and abs(in_training["fid"] - rows[1]["fid"]) < 1e-3  # same EMA, same seed
 
 
+def test_eval_a_multistep_student_after_its_first_steps(tmp_path, capsys, one_thread):
+    """--student-steps N samples with the first N trained timesteps; the last of them lands on the clean
+    image, so after 1 step the sample is the student's clean prediction from the noise at its first time."""
+    import torch
+
+    from diffdistill.config import load_config
+    from diffdistill.eval.harness import resolve_models, sampler
+    from diffdistill.trainer import Trainer
+
+    out = tmp_path / "two"
+    cfg = load_config(None, ["objective={name: regression, teacher_steps: 2, num_pairs: 4}",
+                             f"teacher.path={EMBEDDED_TEACHER}", "student.timesteps=[1.0, 0.5]",
+                             f"train.output_dir={out}", "train.max_steps=1", "train.batch_size=2",
+                             "train.checkpoint_every=1", "train.sample_every=1", "train.lr=1e-3"])
+    Trainer(cfg).run()
+    for spec in (str(out / "final"), str(out)):
+        [m] = resolve_models(spec, student_steps=1)
+        teacher, student = m.load()
+        assert student.timesteps == [1.0] and m.label.endswith("first 1 of 2 steps")
+    prompts = ["a handwritten digit 3", "a handwritten digit 8"]
+    images = sampler(m)(prompts, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn((2, *teacher.latent_shape), generator=g)
+    with torch.no_grad():
+        x0 = student(noise, 1.0, teacher.encode_prompt(prompts), out="x0")
+        expected = (teacher.decode_latents(x0) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+    [full] = resolve_models(str(out / "final"))
+    assert not torch.allclose(sampler(full)(prompts, torch.Generator().manual_seed(7)), images, atol=1e-3)
+
+    report = tmp_path / "e"
+    assert main(["eval", str(out / "final"), "--student-steps", "1", "--num-images", "20", "--out", str(report)]) == 0
+    m = json.loads((report / "metrics.json").read_text())
+    assert m["steps"] == 1 and m["nfe"] == 1 and m["student_timesteps"] == [1.0]
+    assert m["model"] == "final, first 1 of 2 steps"
+    for args, match in ((["--student-steps", "3"], "from 1 to the student's 2"), (["--student-steps", "0"], "at least 1")):
+        assert main(["eval", str(out / "final"), *args]) == 2
+        assert match in capsys.readouterr().err
+    assert main(["eval", EMBEDDED_TEACHER, "--student-steps", "1"]) == 2
+    assert "students only" in capsys.readouterr().err
+
+
 def test_eval_config_is_checked():
     from diffdistill.config import ConfigError, load_config
 

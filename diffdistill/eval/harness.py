@@ -41,6 +41,7 @@ class Model:
     steps: int | None = None
     guidance: float | None = None
     resolution: int | None = None  # teachers: image side in pixels (default: the pipeline's native size)
+    student_steps: int | None = None  # students: sample with only the first N of the trained timesteps
     loaded: tuple = field(default=(), repr=False)
 
     def load(self):
@@ -56,7 +57,28 @@ class Model:
             else:
                 teacher, student, _ = load_run_student(self.path, self.checkpoint, ema=True)
                 self.loaded = (teacher, student)
+            student = self.loaded[1]
+            if student is not None and self.student_steps is not None:
+                _check_student_steps(self.student_steps, len(student.timesteps), self.label)
+                student.timesteps = student.timesteps[:self.student_steps]
         return self.loaded
+
+
+def _check_student_steps(n: int, trained: int, what: str) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= trained:
+        raise EvalInputError(f"--student-steps must be a whole number from 1 to the student's {trained} trained "
+                             f"step(s) ({what}); got {n!r}")
+
+
+def _trained_steps(folder: Path, kind: str) -> int:
+    """How many timesteps the student in ``folder`` (an export, or a run folder) was trained to sample with."""
+    from ..export import RECIPE_FILE
+
+    if kind == "export":
+        return len(json.loads((folder / RECIPE_FILE).read_text())["timesteps"])
+    from ..config import load_config
+
+    return len(load_config(folder / "config.yaml").student.timesteps)
 
 
 def _is_run(folder: Path) -> bool:
@@ -65,11 +87,30 @@ def _is_run(folder: Path) -> bool:
 
 def resolve_models(spec: str, *, base: str | None = None, checkpoint: str | None = None,
                    all_checkpoints: bool = False, steps: int | None = None,
-                   guidance: float | None = None, resolution: int | None = None) -> list[Model]:
+                   guidance: float | None = None, resolution: int | None = None,
+                   student_steps: int | None = None) -> list[Model]:
     """What ``MODEL`` names, checked without loading weights. ``steps``, ``guidance`` and ``resolution`` apply
-    to teachers only (students sample with their trained recipe, at their trained size)."""
+    to teachers only (students sample with their trained recipe, at their trained size). ``student_steps``
+    applies to students only: sample with the first N of the trained timesteps, the last of them landing on
+    the clean image -- a multi-step student's result after N steps (each step of a backward-simulation or
+    consistency student outputs an image)."""
     if resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1):
         raise EvalInputError(f"--resolution must be a positive number of pixels, got {resolution!r}")
+    models = _resolve_models(spec, base, checkpoint, all_checkpoints, steps, guidance, resolution)
+    if student_steps is None:
+        return models
+    first = models[0]
+    if first.kind == "teacher":
+        raise EvalInputError(f"{spec} is a teacher: --student-steps applies to students only (teachers: --steps)")
+    trained = _trained_steps(Path(first.path), first.kind)
+    _check_student_steps(student_steps, trained, spec)
+    for m in models:
+        m.student_steps = student_steps
+        m.label = f"{m.label}, first {student_steps} of {trained} steps"
+    return models
+
+
+def _resolve_models(spec, base, checkpoint, all_checkpoints, steps, guidance, resolution) -> list[Model]:
     from .. import checkpoint as ckpt
     from ..export import RECIPE_FILE
 
