@@ -112,6 +112,63 @@ def test_backward_simulation_runs_the_students_own_steps(tiny_sd, tmp_path, monk
     assert len(seen) > 1
 
 
+def test_per_step_fake_scores_each_model_one_steps_outputs(tiny_sd, tmp_path, monkeypatch, one_thread):
+    from safetensors.torch import load_file
+
+    from diffdistill.batch import micro_batch
+    from diffdistill.student import Student
+
+    two = [1.0, 0.5]
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", f"student.timesteps={two}", "train.checkpoint_every=4",
+                           "objective={name: dmd2, student_every: 2, fake_per_step: true, gan_weight: 0, disc_weight: 0}"))
+    obj, groups = trainer.objective, trainer.groups
+    first, second = obj.step_fakes
+    assert first is obj.fake and obj.fake_at(0) is first and obj.fake_at(1) is second
+    own = {id(p) for p in first.parameters()}
+    assert not any(id(p) in own for p in second.parameters())  # two networks, not one shared
+    names = first.named_parameters_to_train()
+    assert set(groups["fake_score"]) == set(names) | {f"step1.{n}" for n in names}
+    teacher = dict(trainer.teacher.backbone.denoiser.named_parameters())
+    assert all(torch.equal(p, teacher[n]) for n, p in second.backbone.denoiser.named_parameters())  # starts as the teacher
+
+    called, real_forward = [], Student.forward
+
+    def spy(self, x_t, t, cond, out="x0"):
+        called.append(self)
+        return real_forward(self, x_t, t, cond, out)
+
+    monkeypatch.setattr(Student, "forward", spy)
+    seen = set()
+    for step in range(8):
+        for phase in trainer.phases:
+            for group in groups.values():
+                for p in group.values():
+                    p.grad = None
+            trainer._activate(phase)
+            probe = micro_batch(trainer.prompts, 2, 0, step, images=trainer.images)
+            k = obj.generate_at_step(probe, trainer.teacher.encode_prompt(probe.prompts), grad=False)[1]
+            called.clear()
+            out = obj.loss(phase.name, micro_batch(trainer.prompts, 2, 0, step, images=trainer.images), step)  # same k
+            fakes = [net for net in called if net is first or net is second]
+            assert fakes and all(net is obj.fake_at(k) for net in fakes), (phase.name, k)
+            if phase.name == "fake_score":  # only step k's fake score learns from step k's samples
+                out.total.backward()
+                live = {id(p) for p in obj.fake_at(k).parameters()}
+                for p in groups["fake_score"].values():
+                    assert (p.grad is not None and p.grad.abs().sum() > 0) == (id(p) in live)
+            seen.add(k)
+    assert seen == {0, 1}
+    monkeypatch.setattr(Student, "forward", real_forward)
+    trainer.run()
+    saved = load_file(str(next((tmp_path / "r" / "checkpoints").glob("step-*")) / "state.safetensors"))
+    assert {k for k in saved if k.startswith("param.fake_score.step1.")}  # checkpoints carry every fake score
+    assert any(not torch.equal(p, teacher[n]) for n, p in second.backbone.denoiser.named_parameters())
+    with pytest.raises(ConfigError, match="objective.fake_per_step"):  # adapters on one shared base: one fake score
+        load_config(TINY, ["objective={name: dmd2, fake_per_step: true}", "data.images=digits", "student.kind=lora"])
+    with pytest.raises(ConfigError, match="objective.fake_per_step"):  # DP-DMD: DM on the final sample only
+        load_config(TINY, ["objective={name: dpdmd, fake_per_step: true}", "student.gamma=0"])
+
+
 def test_dmd_configs_are_checked(tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match="data.images"):
         load_config(TINY, ["objective={name: dmd2}"])

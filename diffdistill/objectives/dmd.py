@@ -23,7 +23,12 @@ Phases (the trainer runs them in this order; DMD2's two-time-scale rule is ``stu
 Multi-step students (e.g. ``student.timesteps: [1.0, 0.75, 0.5, 0.25]``, = diffusers 999, 749, 499,
 249) are trained with backward simulation (DMD2 sec. 4.5): for a step index ``k`` drawn once per batch,
 the student's input is produced by running the student's own first ``k`` steps from pure noise
-(no gradient), exactly as at inference -- never by noising real data.
+(no gradient), exactly as at inference -- never by noising real data. DMD2 trains one fake score on all
+steps' outputs, so it models their mixture and the DM gradient matches the mixture, not each step's output,
+to the real distribution: a step whose outputs are poor (on the digits teacher, the first from pure noise at
+999) is compensated by distorting the others. ``fake_per_step: true`` (ours, not in DMD2) gives step ``k`` its
+own fake score, a network copy trained only on step ``k``'s outputs and used only for step ``k``'s DM
+gradient (full copies only; the GAN head stays on the first step's fake score).
 
 One-step students take pure noise and are told ``student.timesteps[0]``. DMD2's SD1.5 run tells them 999
 (``[1.0]``); its one-step SDXL run tells them 399 (``student.timesteps: [0.4]``; authors' config
@@ -57,7 +62,7 @@ from . import functional as fn
 from .base import Batch, LossOut, Phase
 from .gan import Adversary, DenoiserFeatures, latent_probe
 from .regression import Regression, RegressionConfig
-from .score_distillation import ScoreDistillation, ScoreDistillationConfig
+from .score_distillation import ScoreDistillation, ScoreDistillationConfig, build_fake_score
 
 
 @dataclass
@@ -74,6 +79,7 @@ class DMD2Config(ScoreDistillationConfig):
     teacher_steps: int = 25          # regression pairs: teacher DDIM steps, guidance, cached count
     pair_guidance: float = 1.75
     num_pairs: int = 0
+    fake_per_step: bool = False      # multi-step students: one fake score per student step (not in DMD2)
 
     def validate(self, p: str) -> None:
         super().validate(p)
@@ -92,6 +98,11 @@ class DMD2Config(ScoreDistillationConfig):
 
     def validate_run(self, config) -> None:
         self.check_gan_images(config)
+        if self.fake_per_step:
+            copies = self.fake_score == "full" or (self.fake_score == "auto" and config.student.kind == "full")
+            if not copies:
+                raise ConfigError("objective.fake_per_step", "needs fake scores that are network copies (a full "
+                                  "student, or objective.fake_score: full)")
         super().validate_run(config)
 
 
@@ -114,6 +125,10 @@ class DMD2(ScoreDistillation):
         if self.gan:  # the shared GAN component, on the fake score's bottleneck (DMD2 sec. 4.2)
             network = DenoiserFeatures(self.fake.backbone, self.fake.adapter, ("mid",), ("uniform", 0.0, cfg.gan_max_t))
             self.adversary = Adversary(network, latent_probe(teacher), loss="nonsaturating")
+        self.step_fakes = None  # fake_per_step: the fake score of step k is step_fakes[k] (step_fakes[0] = fake)
+        if cfg.fake_per_step and len(student.timesteps) > 1:
+            extra = [build_fake_score(cfg, teacher, student) for _ in student.timesteps[1:]]
+            self.step_fakes = torch.nn.ModuleList([self.fake, *extra])
         self.regression = None
         if cfg.regression_weight > 0:
             reg_cfg = RegressionConfig(teacher_steps=cfg.teacher_steps, guidance=cfg.pair_guidance, num_pairs=cfg.num_pairs)
@@ -129,9 +144,17 @@ class DMD2(ScoreDistillation):
 
     def trainable(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         groups = super().trainable()
+        if self.step_fakes is not None:
+            for k, fake in enumerate(self.step_fakes):
+                if k:
+                    groups["fake_score"].update({f"step{k}.{n}": p for n, p in fake.named_parameters_to_train().items()})
         if self.gan:
             groups["disc"] = dict(self.adversary.heads.named_parameters())
         return groups
+
+    def fake_at(self, k: int) -> Student:
+        """The fake score that models the outputs of student step ``k``."""
+        return self.fake if self.step_fakes is None else self.step_fakes[k]
 
     def prepare(self, run_dir, device) -> None:
         if self.regression is not None:
@@ -147,18 +170,18 @@ class DMD2(ScoreDistillation):
         raise ValueError(f"{self.cfg.name} has phases 'student' and 'fake_score'; got {phase!r}")
 
     def _student_loss(self, batch: Batch, cond, step: int) -> LossOut:
-        x = self.generate(batch, cond, grad=True)  # (B, C, H, W) latents
-        total, terms = self._dm_terms(batch, cond, x, step)
+        x, k = self.generate_at_step(batch, cond, grad=True)  # (B, C, H, W) latents
+        total, terms = self._dm_terms(batch, cond, x, step, fake=self.fake_at(k))
         return LossOut(total, terms, images=x.detach())
 
-    def _dm_terms(self, batch: Batch, cond, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+    def _dm_terms(self, batch: Batch, cond, x: torch.Tensor, step: int, fake: Student | None = None) -> tuple[torch.Tensor, dict]:
         """The student-phase loss on its sample ``x``: distribution matching (+ GAN, + regression)."""
         c = self.cfg
         x_t, t, _ = self.noised(batch, x.detach(), c.min_t, c.max_t)
         with torch.no_grad():
             with self.teacher.backbone.adapter(None):
                 x0_real = self.teacher.backbone.cfg(x_t, t, cond, self.teacher.empty_cond(len(batch)), c.real_guidance)
-            x0_fake = self.fake(x_t, t, cond, out="x0")
+            x0_fake = (fake or self.fake)(x_t, t, cond, out="x0")
             grad = fn.dmd_gradient(x.detach(), x0_real, x0_fake)
         dm = fn.score_surrogate_loss(x, grad)
         total, terms = dm, {"dm_loss": dm.detach(), "dm_grad_norm": grad.float().flatten(1).norm(dim=1).mean().detach()}
@@ -173,12 +196,12 @@ class DMD2(ScoreDistillation):
         return total, terms
 
     def _fake_loss(self, batch: Batch, cond) -> LossOut:
-        x = self.generate(batch, cond, grad=False)
+        x, k = self.generate_at_step(batch, cond, grad=False)
         sched = self.teacher.backbone.schedule
         t = batch.rand().double().clamp_min(1.0 / sched.num_train_timesteps).to(x.device)  # U(0, 1], as randint(0, N)
         eps = batch.randn(*x.shape[1:]).to(x)
         x_t = sched.add_noise(x, eps, t)
-        denoise = fn.denoising_loss(self.fake(x_t, t, cond, out="eps"), eps)
+        denoise = fn.denoising_loss(self.fake_at(k)(x_t, t, cond, out="eps"), eps)
         total, terms = denoise, {"fake_denoising": denoise.detach()}
         if self.gan and self.cfg.disc_weight > 0:
             with torch.no_grad():
@@ -222,6 +245,9 @@ class DPDMDConfig(DMD2Config):
         if config.student.gamma != 0.0:
             raise ConfigError("student.gamma", f"{self.name} trains the deterministic rollout the student samples "
                               f"with: set student.gamma: 0, got {config.student.gamma}")
+        if self.fake_per_step:
+            raise ConfigError("objective.fake_per_step", f"{self.name} applies its DM term to the final sample only: "
+                              f"one fake score")
         self.check_unguided_sampler(config)
         self.check_gan_images(config)
 
@@ -267,8 +293,8 @@ class DPDMD(DMD2):
                 first, x = x0, x.detach()  # DMD's gradient stops here: the first step learns only its target
         return first, x
 
-    def generate(self, batch: Batch, cond, grad: bool) -> torch.Tensor:
-        return self.rollout(batch, cond, grad)[1]
+    def generate_at_step(self, batch: Batch, cond, grad: bool) -> tuple[torch.Tensor, int]:
+        return self.rollout(batch, cond, grad)[1], 0  # one fake score, for the final samples
 
     @torch.no_grad()
     def anchor_target(self, noise: torch.Tensor, cond) -> torch.Tensor:

@@ -82,6 +82,10 @@ class ScoreDistillation(Objective):
     def generate(self, batch: Batch, cond, grad: bool) -> torch.Tensor:
         """The student's sample ``x0`` for this batch. Multi-step students: backward simulation -- the
         input at step ``k`` (drawn once per batch) comes from the student's own first ``k`` steps."""
+        return self.generate_at_step(batch, cond, grad)[0]
+
+    def generate_at_step(self, batch: Batch, cond, grad: bool) -> tuple[torch.Tensor, int]:
+        """:meth:`generate`'s sample and the step index ``k`` whose output it is."""
         ts, t = self.student.timesteps, self.teacher
         x = batch.randn(*t.latent_shape, device=t.device, dtype=t.dtype)
         k = int(torch.randint(len(ts), (1,), generator=batch.shared)) if len(ts) > 1 else 0
@@ -90,7 +94,7 @@ class ScoreDistillation(Objective):
                 x0 = self.student(x, ts[i], cond, out="x0")
                 x = self.student.backbone.schedule.add_noise(x0, batch.randn(*t.latent_shape).to(x0), ts[i + 1])
         with torch.set_grad_enabled(grad):
-            return self.student(x, ts[k], cond, out="x0")
+            return self.student(x, ts[k], cond, out="x0"), k
 
     def noised(self, batch: Batch, x: torch.Tensor, lo: float, hi: float):
         """``(x_t, t, eps)``: ``x`` noised by the teacher's schedule at ``t ~ U[lo, hi)`` per sample."""
