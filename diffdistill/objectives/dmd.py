@@ -172,17 +172,18 @@ class DMD2(ScoreDistillation):
 
     def _student_loss(self, batch: Batch, cond, step: int) -> LossOut:
         x, k = self.generate_at_step(batch, cond, grad=True)  # (B, C, H, W) latents
-        total, terms = self._dm_terms(batch, cond, x, step, fake=self.fake_at(k))
+        total, terms = self._dm_terms(batch, cond, x, step, k)
         return LossOut(total, terms, images=x.detach())
 
-    def _dm_terms(self, batch: Batch, cond, x: torch.Tensor, step: int, fake: Student | None = None) -> tuple[torch.Tensor, dict]:
-        """The student-phase loss on its sample ``x``: distribution matching (+ GAN, + regression)."""
+    def _dm_terms(self, batch: Batch, cond, x: torch.Tensor, step: int, k: int = 0) -> tuple[torch.Tensor, dict]:
+        """The student-phase loss on its sample ``x``, the output of step ``k``: distribution matching (+ GAN,
+        + regression)."""
         c = self.cfg
         x_t, t, _ = self.noised(batch, x.detach(), c.min_t, c.max_t)
         with torch.no_grad():
             with self.teacher.backbone.adapter(None):
                 x0_real = self.teacher.backbone.cfg(x_t, t, cond, self.teacher.empty_cond(len(batch)), c.real_guidance)
-            x0_fake = (fake or self.fake)(x_t, t, cond, out="x0")
+            x0_fake = self.fake_at(k)(x_t, t, cond, out="x0")
             grad = fn.dmd_gradient(x.detach(), x0_real, x0_fake)
         dm = fn.score_surrogate_loss(x, grad)
         total, terms = dm, {"dm_loss": dm.detach(), "dm_grad_norm": grad.float().flatten(1).norm(dim=1).mean().detach()}
