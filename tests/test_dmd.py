@@ -169,6 +169,39 @@ def test_per_step_fake_scores_each_model_one_steps_outputs(tiny_sd, tmp_path, mo
         load_config(TINY, ["objective={name: dpdmd, fake_per_step: true}", "student.gamma=0"])
 
 
+def test_regression_steps_first_trains_only_the_noise_to_image_map(tiny_sd, tmp_path, monkeypatch, one_thread):
+    from diffdistill.batch import micro_batch
+    from diffdistill.objectives.regression import Regression, RegressionConfig
+    from diffdistill.student import Student
+
+    four = [1.0, 0.75, 0.5, 0.25]
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", f"student.timesteps={four}"))
+    seen, real_forward = [], Student.forward
+
+    def spy(self, x_t, t, cond, out="x0"):
+        seen.append((torch.as_tensor(t).double().flatten().tolist(), x_t.detach().clone()))
+        return real_forward(self, x_t, t, cond, out)
+
+    monkeypatch.setattr(Student, "forward", spy)
+    times = {}
+    for steps in ("all", "first"):
+        reg = Regression(RegressionConfig(teacher_steps=2, guidance=1.5, steps=steps), trainer.teacher,
+                         trainer.student, trainer.prompts)
+        times[steps] = set()
+        for step in range(4):
+            batch = micro_batch(trainer.prompts, 4, 0, step, images=trainer.images)
+            seen.clear()
+            assert torch.isfinite(reg.loss("student", batch, step).total)
+            (ts, x_in), = [c for c in seen if len(c[0]) == 4]  # the student call (the teacher's are per-step scalars)
+            times[steps].update(ts)
+            if steps == "first":  # pure noise in, the pair's own z
+                replay = micro_batch(trainer.prompts, 4, 0, step, images=trainer.images)
+                assert torch.equal(x_in, replay.randn(*trainer.teacher.latent_shape))
+    assert times["first"] == {1.0} and len(times["all"]) > 1
+    with pytest.raises(ConfigError, match="objective.regression_steps"):
+        load_config(TINY, ["objective={name: dmd2, regression_steps: last}", "data.images=digits"])
+
+
 def test_dmd_configs_are_checked(tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match="data.images"):
         load_config(TINY, ["objective={name: dmd2}"])

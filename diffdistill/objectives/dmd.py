@@ -80,6 +80,7 @@ class DMD2Config(ScoreDistillationConfig):
     teacher_steps: int = 25          # regression pairs: teacher DDIM steps, guidance, cached count
     pair_guidance: float = 1.75
     num_pairs: int = 0
+    regression_steps: str = "all"    # multi-step students: regression on every step's input (all) or step 0 (first)
     fake_per_step: bool = False      # multi-step students: one fake score per student step (not in DMD2)
 
     def validate(self, p: str) -> None:
@@ -88,6 +89,8 @@ class DMD2Config(ScoreDistillationConfig):
         _check(self.student_every >= 1, f"{p}.student_every", f"must be >= 1, got {self.student_every}")
         _check(0.0 <= self.min_t < self.max_t <= 1.0, f"{p}.min_t",
                f"need 0 <= min_t < max_t <= 1, got {self.min_t}, {self.max_t}")
+        _check(self.regression_steps in ("all", "first"), f"{p}.regression_steps",
+               f"must be 'all' or 'first', got {self.regression_steps!r}")
         for key in ("gan_weight", "disc_weight", "regression_weight", "gan_max_t"):
             _check(getattr(self, key) >= 0, f"{p}.{key}", f"must be >= 0, got {getattr(self, key)}")
         _check(self.gan_max_t <= 1.0, f"{p}.gan_max_t", f"must be <= 1, got {self.gan_max_t}")
@@ -132,7 +135,8 @@ class DMD2(ScoreDistillation):
             self.step_fakes = torch.nn.ModuleList([self.fake, *extra])
         self.regression = None
         if cfg.regression_weight > 0:
-            reg_cfg = RegressionConfig(teacher_steps=cfg.teacher_steps, guidance=cfg.pair_guidance, num_pairs=cfg.num_pairs)
+            reg_cfg = RegressionConfig(teacher_steps=cfg.teacher_steps, guidance=cfg.pair_guidance, num_pairs=cfg.num_pairs,
+                                       steps=cfg.regression_steps)
             self.regression = Regression(reg_cfg, teacher, student, prompt_pool)
 
     @property

@@ -6,7 +6,10 @@ For noise ``z`` and prompt ``c`` the teacher's deterministic ODE solver (DDIM, `
 steps, CFG ``guidance``) gives ``x0_T(z, c)``. The one-step student is trained with
 ``L = d(G(z, c), x0_T(z, c))`` (eq. 4). Multi-step students see, at their later times ``t_i``, the
 teacher sample re-noised with fresh noise -- exactly the input their few-step sampler gives them --
-and regress onto the same target.
+and regress onto the same target. With fresh noise that target is not a function of the input: the
+loss is minimised by the posterior mean ``E[x0 | x_t]``, which is blurred at large ``t``. ``steps:
+first`` trains only the first step on the pairs (the noise-to-image map of eq. 4 / DMD eq. 9); DMD2
+uses that for its multi-step students (``objective.regression_steps``).
 
 Deviation: ``d`` is the squared error in latent space. Luhman & Luhman use L2 in pixel space on
 CIFAR; DMD uses LPIPS on decoded images, whose VGG weights must be downloaded (not possible
@@ -36,6 +39,7 @@ class RegressionConfig(ObjectiveConfig):
     guidance: float = 2.0        # teacher CFG, diffusers convention (1 = none)
     num_pairs: int = 0           # 0: pairs on the fly; N: N cached pairs per run
     pair_batch_size: int = 100
+    steps: str = "all"           # all: every student step (later ones on re-noised pairs) | first: step 0 only
 
     def validate_run(self, config) -> None:
         self.check_renoising_sampler(config, "trains later steps on teacher samples re-noised with fresh noise")
@@ -44,6 +48,7 @@ class RegressionConfig(ObjectiveConfig):
         _check(self.teacher_steps > 0, f"{p}.teacher_steps", f"must be positive, got {self.teacher_steps}")
         _check(self.guidance >= 1.0, f"{p}.guidance", f"is a diffusers CFG scale, must be >= 1, got {self.guidance}")
         _check(self.num_pairs >= 0, f"{p}.num_pairs", f"must be >= 0, got {self.num_pairs}")
+        _check(self.steps in ("all", "first"), f"{p}.steps", f"must be 'all' or 'first', got {self.steps!r}")
         _check(self.pair_batch_size > 0, f"{p}.pair_batch_size", f"must be positive, got {self.pair_batch_size}")
 
 
@@ -111,7 +116,7 @@ class Regression(Objective):
             raise ValueError(f"regression has one phase, 'student'; got {phase!r}")
         prompts, z, x0 = self.batch_pairs(batch)
         ts = self.student.timesteps
-        k = batch.randint(len(ts))
+        k = batch.randint(len(ts) if self.cfg.steps == "all" else 1)
         t = torch.tensor(ts, dtype=torch.float64)[k]
         eps = batch.randn(*z.shape[1:]).to(z)
         renoised = self.student.backbone.schedule.add_noise(x0, eps, t)
