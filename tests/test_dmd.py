@@ -202,6 +202,43 @@ def test_regression_steps_first_trains_only_the_noise_to_image_map(tiny_sd, tmp_
         load_config(TINY, ["objective={name: dmd2, regression_steps: last}", "data.images=digits"])
 
 
+def test_dm_below_input_keeps_each_later_steps_dm_term_under_its_input_time(tiny_sd, tmp_path, monkeypatch, one_thread):
+    from diffdistill.batch import micro_batch
+    from diffdistill.student import Student
+
+    four = [1.0, 0.75, 0.5, 0.25]
+    highest = {}
+    for below in (False, True):
+        trainer = Trainer(_cfg(tiny_sd, tmp_path / str(below), f"student.timesteps={four}",
+                               f"objective={{name: dmd2, gan_weight: 0, disc_weight: 0, dm_below_input: {below}}}"))
+        obj, real_forward, times = trainer.objective, Student.forward, []
+
+        def spy(self, x_t, t, cond, out="x0"):
+            if self is obj.fake:
+                times.append(torch.as_tensor(t).double().flatten())
+            return real_forward(self, x_t, t, cond, out)
+
+        monkeypatch.setattr(Student, "forward", spy)
+        for step in range(24):
+            probe = micro_batch(trainer.prompts, 8, 0, step, images=trainer.images)
+            k = obj.generate_at_step(probe, trainer.teacher.encode_prompt(probe.prompts), grad=False)[1]
+            times.clear()
+            obj.loss("student", micro_batch(trainer.prompts, 8, 0, step, images=trainer.images), step)
+            (t,) = times  # the fake score's one call: the DM term's noise levels
+            highest[below, k] = max(highest.get((below, k), 0.0), float(t.max()))
+        monkeypatch.setattr(Student, "forward", real_forward)
+    for k, t_k in enumerate(four):
+        assert (True, k) in highest and (False, k) in highest, k
+        if k:  # later steps: only noise levels below the input's time
+            assert highest[True, k] < t_k < highest[False, k], (k, highest[True, k], highest[False, k])
+        else:  # the first step's input is pure noise: the whole range
+            assert highest[True, 0] > 0.75
+    with pytest.raises(ConfigError, match="objective.dm_below_input"):
+        load_config(TINY, ["objective={name: dmd2, dm_below_input: true}", "data.images=digits", "student.timesteps=[1.0]"])
+    with pytest.raises(ConfigError, match="objective.dm_below_input"):  # a later step at or below min_t: no range
+        load_config(TINY, ["objective={name: dmd2, dm_below_input: true, min_t: 0.5}", "data.images=digits"])
+
+
 def test_dmd_configs_are_checked(tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match="data.images"):
         load_config(TINY, ["objective={name: dmd2}"])

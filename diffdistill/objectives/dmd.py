@@ -82,6 +82,7 @@ class DMD2Config(ScoreDistillationConfig):
     num_pairs: int = 0
     regression_steps: str = "all"    # multi-step students: regression on every step's input (all) or step 0 (first)
     fake_per_step: bool = False      # multi-step students: one fake score per student step (not in DMD2)
+    dm_below_input: bool = False     # multi-step students: step k's DM term at t < its input's time t_k (not in DMD2)
 
     def validate(self, p: str) -> None:
         super().validate(p)
@@ -102,6 +103,11 @@ class DMD2Config(ScoreDistillationConfig):
 
     def validate_run(self, config) -> None:
         self.check_gan_images(config)
+        if self.dm_below_input:
+            later = config.student.timesteps[1:]
+            if not later or min(later) <= self.min_t:
+                raise ConfigError("objective.dm_below_input", f"needs a multi-step student whose later timesteps lie "
+                                  f"above min_t {self.min_t}; got {config.student.timesteps}")
         if self.fake_per_step:
             copies = self.fake_score == "full" or (self.fake_score == "auto" and config.student.kind == "full")
             if not copies:
@@ -183,7 +189,8 @@ class DMD2(ScoreDistillation):
         """The student-phase loss on its sample ``x``, the output of step ``k``: distribution matching (+ GAN,
         + regression)."""
         c = self.cfg
-        x_t, t, _ = self.noised(batch, x.detach(), c.min_t, c.max_t)
+        hi = min(c.max_t, self.student.timesteps[k]) if (c.dm_below_input and k > 0) else c.max_t
+        x_t, t, _ = self.noised(batch, x.detach(), c.min_t, hi)
         with torch.no_grad():
             with self.teacher.backbone.adapter(None):
                 x0_real = self.teacher.backbone.cfg(x_t, t, cond, self.teacher.empty_cond(len(batch)), c.real_guidance)
