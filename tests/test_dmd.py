@@ -207,17 +207,18 @@ def test_dm_below_input_keeps_each_later_steps_dm_term_under_its_input_time(tiny
     from diffdistill.student import Student
 
     four = [1.0, 0.75, 0.5, 0.25]
-    highest = {}
+    highest, real_forward, times, fake = {}, Student.forward, [], []
+
+    def spy(self, x_t, t, cond, out="x0"):
+        if self is fake[-1]:
+            times.append(torch.as_tensor(t).double().flatten())
+        return real_forward(self, x_t, t, cond, out)
+
     for below in (False, True):
         trainer = Trainer(_cfg(tiny_sd, tmp_path / str(below), f"student.timesteps={four}",
                                f"objective={{name: dmd2, gan_weight: 0, disc_weight: 0, dm_below_input: {below}}}"))
-        obj, real_forward, times = trainer.objective, Student.forward, []
-
-        def spy(self, x_t, t, cond, out="x0"):
-            if self is obj.fake:
-                times.append(torch.as_tensor(t).double().flatten())
-            return real_forward(self, x_t, t, cond, out)
-
+        obj = trainer.objective
+        fake.append(obj.fake)
         monkeypatch.setattr(Student, "forward", spy)
         for step in range(24):
             probe = micro_batch(trainer.prompts, 8, 0, step, images=trainer.images)

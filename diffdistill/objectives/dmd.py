@@ -28,13 +28,14 @@ steps' outputs, so it models their mixture and the DM gradient pushes the mixtur
 towards the real distribution: a poor step (on the digits teacher, the first, from pure noise at 999) can be
 compensated by distorting the others. ``fake_per_step: true`` (ours, not in DMD2) gives step ``k`` its own
 fake score, a network copy trained only on step ``k``'s outputs and used only for step ``k``'s DM gradient
-(full copies only, K networks in memory; the GAN head stays on the first step's copy). On the digits teacher
-it helped at real guidance 1.1 and not at 1.25 (README, "Train a student"). Two more options of ours for
-multi-step students: ``dm_below_input: true`` draws step ``k``'s DM noise level below its input's time
-``t_k`` (``k > 0``): above ``t_k`` the output's structure comes from the input, and the DM gradient
-there pushes a late step to redo what the earlier steps made. ``regression_steps: first`` applies the regression term (below) to the first step only:
-a later step's re-noised pair has a target that is not a function of its input (fresh noise), so its MSE
-pulls that step towards the blurred posterior mean; DMD's eq. 9 is about the noise-to-image map.
+(full copies only, K networks in memory; the GAN head stays on the first step's copy). On the digits
+teacher it helped at real guidance 1.1, not at 1.25 alone, and at 1.25 with ``dm_below_input`` (README,
+"Train a student"). Two more options of ours for multi-step students: ``dm_below_input: true`` draws step
+``k``'s DM noise level below its input's time ``t_k`` (``k > 0``): above ``t_k`` the output's structure
+comes from the input, and the DM gradient there pushes a late step to redo what the earlier steps made.
+``regression_steps: first`` applies the regression term (below) to the first step only: a later step's
+re-noised pair has a target that is not a function of its input (fresh noise), so its MSE pulls that step
+towards the blurred posterior mean; DMD's eq. 9 is about the noise-to-image map.
 
 One-step students take pure noise and are told ``student.timesteps[0]``. DMD2's SD1.5 run tells them 999
 (``[1.0]``); its one-step SDXL run tells them 399 (``student.timesteps: [0.4]``; authors' config
