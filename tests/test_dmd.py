@@ -167,6 +167,8 @@ def test_per_step_fake_scores_each_model_one_steps_outputs(tiny_sd, tmp_path, mo
         load_config(TINY, ["objective={name: dmd2, fake_per_step: true}", "data.images=digits", "student.kind=lora"])
     with pytest.raises(ConfigError, match="objective.fake_per_step"):  # DP-DMD: DM on the final sample only
         load_config(TINY, ["objective={name: dpdmd, fake_per_step: true}", "student.gamma=0"])
+    with pytest.raises(ConfigError, match="objective.dm_below_input"):  # DP-DMD: no later step's DM term to restrict
+        load_config(TINY, ["objective={name: dpdmd, dm_below_input: true}", "student.gamma=0"])
 
 
 def test_regression_steps_first_trains_only_the_noise_to_image_map(tiny_sd, tmp_path, monkeypatch, one_thread):

@@ -264,9 +264,9 @@ class DPDMDConfig(DMD2Config):
         if config.student.gamma != 0.0:
             raise ConfigError("student.gamma", f"{self.name} trains the deterministic rollout the student samples "
                               f"with: set student.gamma: 0, got {config.student.gamma}")
-        if self.fake_per_step:
-            raise ConfigError("objective.fake_per_step", f"{self.name} applies its DM term to the final sample only: "
-                              f"one fake score")
+        for key, what in (("fake_per_step", "one fake score"), ("dm_below_input", "no later step to restrict")):
+            if getattr(self, key):
+                raise ConfigError(f"objective.{key}", f"{self.name} applies its DM term to the final sample only: {what}")
         self.check_unguided_sampler(config)
         self.check_gan_images(config)
 

@@ -8,8 +8,8 @@ steps, CFG ``guidance``) gives ``x0_T(z, c)``. The one-step student is trained w
 teacher sample re-noised with fresh noise -- exactly the input their few-step sampler gives them --
 and regress onto the same target. With fresh noise that target is not a function of the input: the
 loss is minimised by the posterior mean ``E[x0 | x_t]``, which is blurred at large ``t``. ``steps:
-first`` trains only the first step on the pairs (the noise-to-image map of eq. 4 / DMD eq. 9); DMD2
-uses that for its multi-step students (``objective.regression_steps``).
+first`` trains only the first step on the pairs (the noise-to-image map of eq. 4 / DMD eq. 9); the
+``dmd2`` objective exposes it as ``objective.regression_steps``.
 
 Deviation: ``d`` is the squared error in latent space. Luhman & Luhman use L2 in pixel space on
 CIFAR; DMD uses LPIPS on decoded images, whose VGG weights must be downloaded (not possible
