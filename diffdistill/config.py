@@ -65,6 +65,7 @@ class StudentConfig:
     guidance: float = 1.0  # CFG scale used when sampling the student (diffusers convention)
     guidance_embedding_dim: int = 0  # full students: > 0 adds LCM's guidance embedding (time_cond_proj_dim, LCM: 256)
     gamma: float = 1.0  # sampler stochasticity: 1 = LCM's re-noising, 0 = deterministic DDIM (PCM), TCD's gamma between
+    init: str | None = None  # an exported student (diffdistill export / a run's final/) whose weights start this one
 
     def validate(self, p: str) -> None:
         _check(self.kind in ("full", "lora"), f"{p}.kind", f"must be 'full' or 'lora', got {self.kind!r}")
@@ -79,6 +80,8 @@ class StudentConfig:
                f"must be >= 0, got {self.guidance_embedding_dim}")
         _check(self.guidance_embedding_dim == 0 or self.kind == "full", f"{p}.guidance_embedding_dim",
                "needs student.kind=full (a LoRA student shares the teacher's network, which has no guidance embedding)")
+        _check(self.init is None or Path(self.init).is_dir(), f"{p}.init",
+               f"must be the folder of an exported student (diffdistill export, or a run's final/), got {self.init!r}")
 
 
 @dataclass

@@ -200,18 +200,39 @@ def _check_shapes(model: nn.Module, tensors: dict, path) -> None:
                             "backbone?")
 
 
-def load_lora(model: nn.Module, name: str, path: str | Path, prefix: str = "unet") -> None:
-    """Attach the LoRA in ``path`` (see :func:`save_lora`) to ``model`` as adapter ``name``. Without
-    metadata, rank comes from the weights and alpha = rank (diffusers' convention). Every weight in the
-    file must land in the model, and every layer of the adapter must get a weight."""
+def _file_tensors(model: nn.Module, path, prefix: str) -> tuple[dict, dict | None]:
+    """:func:`read_lora_file` in peft naming, shapes checked against ``model``'s layers."""
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-    from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
 
     tensors, config = read_lora_file(path, prefix)
     if any(".lora." in k for k in tensors):  # older diffusers naming (lora.down / lora.up)
         tensors = convert_unet_state_dict_to_peft(tensors)
     _check_shapes(model, tensors, path)
+    return tensors, config
+
+
+def _set_weights(model: nn.Module, name: str, tensors: dict, path) -> None:
+    """Copy ``tensors`` into adapter ``name``: every weight must land, and every layer of the adapter get one."""
+    from peft.utils import set_peft_model_state_dict
+
+    try:
+        result = set_peft_model_state_dict(model, tensors, adapter_name=name)
+    except RuntimeError as err:  # torch: a size mismatch (another rank)
+        raise LoraFileError(f"{path} does not fit adapter {name!r}: {err}") from err
+    unexpected = [k for k in result.unexpected_keys if ".lora_" in k]
+    missing = [k for k in result.missing_keys if ".lora_" in k and f".{name}." in k]
+    if unexpected or missing:
+        raise LoraFileError(f"{path} does not fit this model: {len(unexpected)} weights match no layer "
+                            f"(e.g. {unexpected[:2]}), {len(missing)} adapter weights missing (e.g. {missing[:2]})")
+
+
+def load_lora(model: nn.Module, name: str, path: str | Path, prefix: str = "unet") -> None:
+    """Attach the LoRA in ``path`` (see :func:`save_lora`) to ``model`` as adapter ``name``. Without
+    metadata, rank comes from the weights and alpha = rank (diffusers' convention). Every weight in the
+    file must land in the model, and every layer of the adapter must get a weight."""
+    from peft import LoraConfig
+
+    tensors, config = _file_tensors(model, path, prefix)
     if config is None:
         ranks = {v.shape[0] for k, v in tensors.items() if ".lora_A." in k}
         if len(ranks) != 1:
@@ -222,9 +243,20 @@ def load_lora(model: nn.Module, name: str, path: str | Path, prefix: str = "unet
         _attach(model, name, LoraConfig(**config))
     except ValueError as err:  # peft: no layer of this model matches the file's target modules
         raise LoraFileError(f"{path} does not fit this model ({type(model).__name__}): {err}") from err
-    result = set_peft_model_state_dict(model, tensors, adapter_name=name)
-    unexpected = [k for k in result.unexpected_keys if ".lora_" in k]
-    missing = [k for k in result.missing_keys if ".lora_" in k and f".{name}." in k]
-    if unexpected or missing:
-        raise LoraFileError(f"{path} does not fit this model: {len(unexpected)} weights match no layer "
-                            f"(e.g. {unexpected[:2]}), {len(missing)} adapter weights missing (e.g. {missing[:2]})")
+    _set_weights(model, name, tensors, path)
+
+
+def fill_lora(model: nn.Module, name: str, path: str | Path, prefix: str = "unet") -> None:
+    """Copy the LoRA in ``path`` into the existing adapter ``name`` of ``model``, which keeps its
+    ``requires_grad``. The file must match the adapter exactly: the same rank and alpha (the scale
+    ``alpha / rank``; a file without metadata counts as alpha = rank) and a weight for every adapted layer."""
+    if name not in adapter_names(model):
+        raise KeyError(f"no adapter {name!r}; this model has {adapter_names(model)}")
+    own = model.peft_config[name]
+    tensors, config = _file_tensors(model, path, prefix)
+    ranks = {v.shape[0] for k, v in tensors.items() if ".lora_A." in k}
+    alpha = (config or {}).get("lora_alpha", next(iter(ranks)) if len(ranks) == 1 else None)
+    if ranks != {own.r} or alpha != own.lora_alpha:
+        raise LoraFileError(f"{path} is a LoRA of rank {sorted(ranks)} and alpha {alpha}; adapter {name!r} has rank "
+                            f"{own.r} and alpha {own.lora_alpha}: give the run the same student.lora_rank / lora_alpha")
+    _set_weights(model, name, tensors, path)

@@ -5,6 +5,7 @@ network with adapters off."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -84,8 +85,56 @@ def build_student(teacher, cfg) -> Student:
         denoiser = copy.deepcopy(tb.denoiser).requires_grad_(True).train()
         if cfg.guidance_embedding_dim and tb.guidance_embedding_dim is None:
             denoiser = with_guidance_embedding(denoiser, cfg.guidance_embedding_dim)
-        return Student(DiffusionBackbone(denoiser, tb.schedule, tb.pred_type), None, cfg.timesteps, cfg.guidance,
-                       cfg.gamma)
-    targets = cfg.lora_targets or lora.DEFAULT_TARGETS
-    lora.add_lora(tb.denoiser, STUDENT_ADAPTER, cfg.lora_rank, cfg.lora_alpha, targets)
-    return Student(tb, STUDENT_ADAPTER, cfg.timesteps, cfg.guidance, cfg.gamma)
+        student = Student(DiffusionBackbone(denoiser, tb.schedule, tb.pred_type), None, cfg.timesteps, cfg.guidance,
+                          cfg.gamma)
+    else:
+        targets = cfg.lora_targets or lora.DEFAULT_TARGETS
+        lora.add_lora(tb.denoiser, STUDENT_ADAPTER, cfg.lora_rank, cfg.lora_alpha, targets)
+        student = Student(tb, STUDENT_ADAPTER, cfg.timesteps, cfg.guidance, cfg.gamma)
+    if cfg.init:
+        start_from_export(student, teacher, cfg.init)
+    return student
+
+
+def start_from_export(student: Student, teacher, folder) -> None:
+    """Overwrite the trainable weights of a freshly built ``student`` with those of an exported student
+    (``diffdistill export`` or a run's ``final/``; config key ``student.init``): the whole denoiser of a full
+    student, the ``student`` adapter of a LoRA one. The export must be of the same kind and fit exactly
+    (same layers and shapes; for LoRA the same rank and alpha); its recipe (timesteps, guidance) is not taken:
+    the run's config decides those. A staged recipe, e.g. a one-step student continued as the first step of a
+    multi-step one, or DMD2's regression pre-training followed by distribution matching."""
+    import diffusers
+
+    from .config import ConfigError
+    from .export import ExportError, read_recipe
+
+    folder = Path(folder)
+    try:
+        recipe = read_recipe(folder)
+    except ExportError as err:
+        raise ConfigError("student.init", str(err)) from None
+    kind = "full" if student.adapter is None else "lora"
+    if recipe["kind"] != kind:
+        raise ConfigError("student.init", f"{folder} holds a {recipe['kind']} student; this run trains a {kind} "
+                          "student (student.kind)")
+    denoiser = student.backbone.denoiser
+    if kind == "lora":
+        try:
+            lora.fill_lora(denoiser, STUDENT_ADAPTER, folder / recipe["lora"]["weights"],
+                           prefix=teacher.family.denoiser[1])
+        except lora.LoraFileError as err:
+            raise ConfigError("student.init", str(err)) from None
+        return
+    klass, subfolder = teacher.family.denoiser
+    if not (folder / subfolder).is_dir():
+        raise ConfigError("student.init", f"{folder} has no {subfolder}/ (the teacher's denoiser is a {klass})")
+    param = next(denoiser.parameters())
+    source = getattr(diffusers, klass).from_pretrained(str(folder), subfolder=subfolder, use_safetensors=True,
+                                                       torch_dtype=param.dtype)
+    try:
+        missing, unexpected = denoiser.load_state_dict(source.state_dict(), strict=False)
+    except RuntimeError as err:  # size mismatches
+        raise ConfigError("student.init", f"{folder}'s {subfolder} does not fit this student: {err}") from None
+    if missing or unexpected:
+        raise ConfigError("student.init", f"{folder}'s {subfolder} does not fit this student: {len(missing)} weights "
+                          f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")

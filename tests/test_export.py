@@ -350,3 +350,46 @@ def test_model_card_eval_table(tiny_full, tmp_path):
     assert "| | fid | prompt_accuracy | ms_per_image |" in card
     assert "| student (4 steps) | 6.123 | 0.97 | n/a |" in card
     assert json.loads((out / "diffdistill.json").read_text())["step"] == 10
+
+
+def test_student_init_starts_a_run_from_an_export(tiny_full, tiny_sd, tmp_path):
+    """``student.init``: a full or LoRA student starts from an exported one's weights (the run's own timesteps
+    kept), the trainer's EMA starts there too, and exports of another kind, rank or alpha are refused."""
+    from diffdistill.config import ConfigError
+    from diffdistill.trainer import Trainer
+
+    teacher, donor = tiny_full
+    full = export_student(teacher, donor, tmp_path / "full")
+    student = build_student(teacher, StudentConfig(kind="full", timesteps=[0.4, 0.2], init=str(full)))
+    assert student.timesteps == [0.4, 0.2]
+    got, want = student.named_parameters_to_train(), donor.named_parameters_to_train()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    base = dict(teacher.backbone.denoiser.named_parameters())
+    assert any(not torch.equal(want[k], base[k]) for k in want)  # the donor differs from the teacher
+    assert all(p.requires_grad for p in got.values())
+    trainer = Trainer(load_config(TINY, [f"teacher.path={tiny_sd}", f"train.output_dir={tmp_path / 'run'}",
+                                         f"student.init={full}"]))
+    shadow = trainer.ema.state_dict()
+    live = trainer.student.named_parameters_to_train()
+    assert all(torch.equal(shadow[k], want[k].float()) and torch.equal(live[k], want[k]) for k in want)
+
+    lora_teacher = load_teacher(tiny_sd)
+    lora_donor = build_student(lora_teacher, StudentConfig(kind="lora", lora_rank=4, lora_alpha=8.0))
+    _perturb(lora_donor)
+    adapter = export_student(lora_teacher, lora_donor, tmp_path / "lora")
+    fresh = load_teacher(tiny_sd)
+    student = build_student(fresh, StudentConfig(kind="lora", lora_rank=4, lora_alpha=8.0, init=str(adapter)))
+    got, want = student.named_parameters_to_train(), lora_donor.named_parameters_to_train()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert all(p.requires_grad for p in got.values())
+    assert not any(p.requires_grad for k, p in fresh.backbone.denoiser.named_parameters() if ".student." not in k)
+
+    for cfg, match in [(StudentConfig(kind="lora", lora_rank=2, lora_alpha=8.0, init=str(adapter)), r"rank \[4\]"),
+                       (StudentConfig(kind="lora", lora_rank=4, init=str(adapter)), r"alpha 8\.0.*alpha 4"),
+                       (StudentConfig(kind="full", init=str(adapter)), "holds a lora student; this run trains a full"),
+                       (StudentConfig(kind="lora", lora_rank=4, lora_alpha=8.0, init=str(full)), "holds a full student"),
+                       (StudentConfig(kind="full", init=tiny_sd), "not a diffdistill export")]:
+        with pytest.raises(ConfigError, match="student.init.*" + match):
+            build_student(load_teacher(tiny_sd), cfg)
+    with pytest.raises(ConfigError, match="student.init.*folder of an exported student"):
+        StudentConfig(init=str(tmp_path / "missing")).validate("student")
