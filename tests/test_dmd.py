@@ -169,6 +169,8 @@ def test_per_step_fake_scores_each_model_one_steps_outputs(tiny_sd, tmp_path, mo
         load_config(TINY, ["objective={name: dpdmd, fake_per_step: true}", "student.gamma=0"])
     with pytest.raises(ConfigError, match="objective.dm_below_input"):  # DP-DMD: no later step's DM term to restrict
         load_config(TINY, ["objective={name: dpdmd, dm_below_input: true}", "student.gamma=0"])
+    with pytest.raises(ConfigError, match="objective.later_real_guidance"):  # DP-DMD: one DM term, one guidance
+        load_config(TINY, ["objective={name: dpdmd, later_real_guidance: 1.0}", "student.gamma=0"])
 
 
 def test_regression_steps_first_trains_only_the_noise_to_image_map(tiny_sd, tmp_path, monkeypatch, one_thread):
@@ -240,6 +242,42 @@ def test_dm_below_input_keeps_each_later_steps_dm_term_under_its_input_time(tiny
         load_config(TINY, ["objective={name: dmd2, dm_below_input: true}", "data.images=digits", "student.timesteps=[1.0]"])
     with pytest.raises(ConfigError, match="objective.dm_below_input"):  # a later step at or below min_t: no range
         load_config(TINY, ["objective={name: dmd2, dm_below_input: true, min_t: 0.5}", "data.images=digits"])
+
+
+def test_later_real_guidance_sets_the_real_score_scale_of_steps_after_the_first(tiny_sd, tmp_path, monkeypatch,
+                                                                                  one_thread):
+    from diffdistill.backbone import DiffusionBackbone
+    from diffdistill.batch import micro_batch
+
+    four = [1.0, 0.75, 0.5, 0.25]
+    real_cfg, scales, teacher = DiffusionBackbone.cfg, [], []
+
+    def spy(self, x_t, t, cond, uncond, scale, out="x0"):
+        if self is teacher[-1]:
+            scales.append(float(scale))
+        return real_cfg(self, x_t, t, cond, uncond, scale, out)
+
+    seen = {}
+    for later in (None, 1.0):
+        trainer = Trainer(_cfg(tiny_sd, tmp_path / str(later), f"student.timesteps={four}", "objective={name: dmd2, "
+                               f"gan_weight: 0, disc_weight: 0, real_guidance: 2.5, later_real_guidance: {later or 'null'}}}"))
+        obj = trainer.objective
+        teacher.append(trainer.teacher.backbone)
+        monkeypatch.setattr(DiffusionBackbone, "cfg", spy)
+        for step in range(16):
+            probe = micro_batch(trainer.prompts, 8, 0, step, images=trainer.images)
+            k = obj.generate_at_step(probe, trainer.teacher.encode_prompt(probe.prompts), grad=False)[1]
+            scales.clear()
+            obj.loss("student", micro_batch(trainer.prompts, 8, 0, step, images=trainer.images), step)
+            (scale,) = scales  # the real score's one call
+            seen.setdefault((later, k > 0), set()).add(scale)
+        monkeypatch.setattr(DiffusionBackbone, "cfg", real_cfg)
+    assert seen == {(None, False): {2.5}, (None, True): {2.5}, (1.0, False): {2.5}, (1.0, True): {1.0}}
+    with pytest.raises(ConfigError, match="objective.later_real_guidance.*multi-step"):
+        load_config(TINY, ["objective={name: dmd2, later_real_guidance: 1.0}", "data.images=digits",
+                           "student.timesteps=[1.0]"])
+    with pytest.raises(ConfigError, match="objective.later_real_guidance.*>= 1"):
+        load_config(TINY, ["objective={name: dmd2, later_real_guidance: 0.5}", "data.images=digits"])
 
 
 def test_dmd_configs_are_checked(tiny_sd, tmp_path):

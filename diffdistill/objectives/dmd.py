@@ -35,7 +35,9 @@ teacher it helped at real guidance 1.1, not at 1.25 alone, and at 1.25 with ``dm
 comes from the input, and the DM gradient there pushes a late step to redo what the earlier steps made.
 ``regression_steps: first`` applies the regression term (below) to the first step only: a later step's
 re-noised pair has a target that is not a function of its input (fresh noise), so its MSE pulls that step
-towards the blurred posterior mean; DMD's eq. 9 is about the noise-to-image map.
+towards the blurred posterior mean; DMD's eq. 9 is about the noise-to-image map. ``later_real_guidance``
+sets the real score's CFG scale for the DM terms of steps ``k > 0`` (``real_guidance`` stays the first step's):
+guidance acting again on every later step compounds the sharpening and the loss of diversity.
 
 One-step students take pure noise and are told ``student.timesteps[0]``. DMD2's SD1.5 run tells them 999
 (``[1.0]``); its one-step SDXL run tells them 399 (``student.timesteps: [0.4]``; authors' config
@@ -89,10 +91,13 @@ class DMD2Config(ScoreDistillationConfig):
     regression_steps: str = "all"    # multi-step students: regression on every step's input (all) or step 0 (first)
     fake_per_step: bool = False      # multi-step students: one fake score per student step (not in DMD2)
     dm_below_input: bool = False     # multi-step students: step k's DM term at t < its input's time t_k (not in DMD2)
+    later_real_guidance: float | None = None  # multi-step students: real-score CFG of steps k > 0 (not in DMD2)
 
     def validate(self, p: str) -> None:
         super().validate(p)
         _check(self.real_guidance >= 1.0, f"{p}.real_guidance", f"is a diffusers CFG scale (>= 1), got {self.real_guidance}")
+        _check(self.later_real_guidance is None or self.later_real_guidance >= 1.0, f"{p}.later_real_guidance",
+               f"is a diffusers CFG scale (>= 1), got {self.later_real_guidance}")
         _check(self.student_every >= 1, f"{p}.student_every", f"must be >= 1, got {self.student_every}")
         _check(0.0 <= self.min_t < self.max_t <= 1.0, f"{p}.min_t",
                f"need 0 <= min_t < max_t <= 1, got {self.min_t}, {self.max_t}")
@@ -109,6 +114,9 @@ class DMD2Config(ScoreDistillationConfig):
 
     def validate_run(self, config) -> None:
         self.check_gan_images(config)
+        if self.later_real_guidance is not None and len(config.student.timesteps) < 2:
+            raise ConfigError("objective.later_real_guidance", f"needs a multi-step student (it sets the real score's "
+                              f"guidance of steps 2..K); got {config.student.timesteps}")
         if self.dm_below_input:
             later = config.student.timesteps[1:]
             if not later or min(later) <= self.min_t:
@@ -196,10 +204,11 @@ class DMD2(ScoreDistillation):
         + regression)."""
         c = self.cfg
         hi = min(c.max_t, self.student.timesteps[k]) if (c.dm_below_input and k > 0) else c.max_t
+        guidance = c.later_real_guidance if (k > 0 and c.later_real_guidance is not None) else c.real_guidance
         x_t, t, _ = self.noised(batch, x.detach(), c.min_t, hi)
         with torch.no_grad():
             with self.teacher.backbone.adapter(None):
-                x0_real = self.teacher.backbone.cfg(x_t, t, cond, self.teacher.empty_cond(len(batch)), c.real_guidance)
+                x0_real = self.teacher.backbone.cfg(x_t, t, cond, self.teacher.empty_cond(len(batch)), guidance)
             x0_fake = self.fake_at(k)(x_t, t, cond, out="x0")
             grad = fn.dmd_gradient(x.detach(), x0_real, x0_fake)
         dm = fn.score_surrogate_loss(x, grad)
@@ -264,8 +273,9 @@ class DPDMDConfig(DMD2Config):
         if config.student.gamma != 0.0:
             raise ConfigError("student.gamma", f"{self.name} trains the deterministic rollout the student samples "
                               f"with: set student.gamma: 0, got {config.student.gamma}")
-        for key, what in (("fake_per_step", "one fake score"), ("dm_below_input", "no later step to restrict")):
-            if getattr(self, key):
+        for key, what in (("fake_per_step", "one fake score"), ("dm_below_input", "no later step to restrict"),
+                          ("later_real_guidance", "one guidance, real_guidance")):
+            if getattr(self, key) not in (False, None):
                 raise ConfigError(f"objective.{key}", f"{self.name} applies its DM term to the final sample only: {what}")
         self.check_unguided_sampler(config)
         self.check_gan_images(config)
