@@ -393,3 +393,25 @@ def test_student_init_starts_a_run_from_an_export(tiny_full, tiny_sd, tmp_path):
             build_student(load_teacher(tiny_sd), cfg)
     with pytest.raises(ConfigError, match="student.init.*folder of an exported student"):
         StudentConfig(init=str(tmp_path / "missing")).validate("student")
+
+
+def test_renoise_change_script_compares_a_later_step_with_the_teacher(tiny_teacher, tiny_sd, tmp_path, capsys,
+                                                                       one_thread):
+    """eval/renoise_change.py: an untrained full student is the teacher's network, so without guidance both
+    estimates agree exactly; a perturbed one differs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("renoise_change", ROOT / "eval" / "renoise_change.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    numbers = lambda text: [float(x) for x in re.findall(r"(?<=[ (])(\d+\.\d{3})\b", text)]  # noqa: E731
+    student = build_student(tiny_teacher, StudentConfig(kind="full", timesteps=FOUR))
+    same = export_student(tiny_teacher, student, tmp_path / "same")
+    script.main([str(same), "--base", tiny_sd, "--guidance", "1", "--per-digit", "2"])
+    x0, ours, theirs, gap = numbers(capsys.readouterr().out)
+    assert x0 > 0 and ours == theirs > 0 and gap == 0.0
+    _perturb(student, scale=0.05)
+    moved = export_student(tiny_teacher, student, tmp_path / "moved")
+    script.main([str(moved), "--base", tiny_sd, "--guidance", "1", "--per-digit", "2", "--t", "0.5"])
+    out = capsys.readouterr().out
+    assert out.startswith("t = 0.5 ") and numbers(out)[3] > 0
