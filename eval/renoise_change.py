@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(args.seed)
     prompts = [f"a handwritten digit {d}" for d in range(10)] * args.per_digit
     cond, sched = teacher.encode_prompt(prompts), teacher.backbone.schedule
-    rms = lambda a: a.float().pow(2).mean().sqrt().item()  # noqa: E731
+    rms = lambda a: a.float().pow(2).mean().sqrt().item()
     with torch.no_grad():
         z = torch.randn((len(prompts), *teacher.latent_shape), generator=g).to(teacher.device, teacher.dtype)
         x0 = student(z, student.timesteps[0], cond, out="x0")

@@ -404,7 +404,7 @@ def test_renoise_change_script_compares_a_later_step_with_the_teacher(tiny_teach
     spec = importlib.util.spec_from_file_location("renoise_change", ROOT / "eval" / "renoise_change.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    numbers = lambda text: [float(x) for x in re.findall(r"(?<=[ (])(\d+\.\d{3})\b", text)]  # noqa: E731
+    numbers = lambda text: [float(x) for x in re.findall(r"(?<=[ (])(\d+\.\d{3})\b", text)]
     student = build_student(tiny_teacher, StudentConfig(kind="full", timesteps=FOUR))
     same = export_student(tiny_teacher, student, tmp_path / "same")
     script.main([str(same), "--base", tiny_sd, "--guidance", "1", "--per-digit", "2"])
