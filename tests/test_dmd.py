@@ -206,8 +206,21 @@ def test_regression_steps_first_trains_only_the_noise_to_image_map(tiny_sd, tmp_
         load_config(TINY, ["objective={name: dmd2, regression_steps: last}", "data.images=digits"])
 
 
-def test_dm_below_input_keeps_each_later_steps_dm_term_under_its_input_time(tiny_sd, tmp_path, monkeypatch, one_thread):
+def _student_losses_by_step(trainer, steps: int, record: list):
+    """Run ``steps`` student-phase losses of a multi-step DMD2 run; for each batch yield its step index ``k``
+    and what a spy appended to ``record`` during that loss."""
     from diffdistill.batch import micro_batch
+
+    obj = trainer.objective
+    for step in range(steps):
+        probe = micro_batch(trainer.prompts, 8, 0, step, images=trainer.images)
+        k = obj.generate_at_step(probe, trainer.teacher.encode_prompt(probe.prompts), grad=False)[1]
+        record.clear()
+        obj.loss("student", micro_batch(trainer.prompts, 8, 0, step, images=trainer.images), step)
+        yield k, list(record)
+
+
+def test_dm_below_input_keeps_each_later_steps_dm_term_under_its_input_time(tiny_sd, tmp_path, monkeypatch, one_thread):
     from diffdistill.student import Student
 
     four = [1.0, 0.75, 0.5, 0.25]
@@ -221,15 +234,9 @@ def test_dm_below_input_keeps_each_later_steps_dm_term_under_its_input_time(tiny
     for below in (False, True):
         trainer = Trainer(_cfg(tiny_sd, tmp_path / str(below), f"student.timesteps={four}",
                                f"objective={{name: dmd2, gan_weight: 0, disc_weight: 0, dm_below_input: {below}}}"))
-        obj = trainer.objective
-        fake.append(obj.fake)
+        fake.append(trainer.objective.fake)
         monkeypatch.setattr(Student, "forward", spy)
-        for step in range(24):
-            probe = micro_batch(trainer.prompts, 8, 0, step, images=trainer.images)
-            k = obj.generate_at_step(probe, trainer.teacher.encode_prompt(probe.prompts), grad=False)[1]
-            times.clear()
-            obj.loss("student", micro_batch(trainer.prompts, 8, 0, step, images=trainer.images), step)
-            (t,) = times  # the fake score's one call: the DM term's noise levels
+        for k, (t,) in _student_losses_by_step(trainer, 24, times):  # the fake score's one call: the DM noise levels
             highest[below, k] = max(highest.get((below, k), 0.0), float(t.max()))
         monkeypatch.setattr(Student, "forward", real_forward)
     for k, t_k in enumerate(four):
@@ -247,7 +254,6 @@ def test_dm_below_input_keeps_each_later_steps_dm_term_under_its_input_time(tiny
 def test_later_real_guidance_sets_the_real_score_scale_of_steps_after_the_first(tiny_sd, tmp_path, monkeypatch,
                                                                                   one_thread):
     from diffdistill.backbone import DiffusionBackbone
-    from diffdistill.batch import micro_batch
 
     four = [1.0, 0.75, 0.5, 0.25]
     real_cfg, scales, teacher = DiffusionBackbone.cfg, [], []
@@ -261,15 +267,9 @@ def test_later_real_guidance_sets_the_real_score_scale_of_steps_after_the_first(
     for later in (None, 1.0):
         trainer = Trainer(_cfg(tiny_sd, tmp_path / str(later), f"student.timesteps={four}", "objective={name: dmd2, "
                                f"gan_weight: 0, disc_weight: 0, real_guidance: 2.5, later_real_guidance: {later or 'null'}}}"))
-        obj = trainer.objective
         teacher.append(trainer.teacher.backbone)
         monkeypatch.setattr(DiffusionBackbone, "cfg", spy)
-        for step in range(16):
-            probe = micro_batch(trainer.prompts, 8, 0, step, images=trainer.images)
-            k = obj.generate_at_step(probe, trainer.teacher.encode_prompt(probe.prompts), grad=False)[1]
-            scales.clear()
-            obj.loss("student", micro_batch(trainer.prompts, 8, 0, step, images=trainer.images), step)
-            (scale,) = scales  # the real score's one call
+        for k, (scale,) in _student_losses_by_step(trainer, 16, scales):  # the real score's one call
             seen.setdefault((later, k > 0), set()).add(scale)
         monkeypatch.setattr(DiffusionBackbone, "cfg", real_cfg)
     assert seen == {(None, False): {2.5}, (None, True): {2.5}, (1.0, False): {2.5}, (1.0, True): {1.0}}
