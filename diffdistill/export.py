@@ -377,6 +377,22 @@ def _check_fits(backbone, other, what: str, against: str, context: str) -> None:
         raise ExportError(f"{context}: {err}") from None
 
 
+def exported_denoiser(folder, teacher):
+    """The denoiser of a full student's export ``folder``, loaded in the class and dtype of ``teacher``'s."""
+    import diffusers
+
+    from .pipeline import read_model_index
+
+    folder = Path(folder)
+    klass, subfolder = teacher.family.denoiser
+    if not (folder / subfolder).is_dir():
+        own = read_model_index(str(folder)).get("_class_name")
+        raise ExportError(f"student {folder} ({own}) has no {subfolder}/, the denoiser of the teacher "
+                          f"{teacher.source} ({teacher.pipeline_class}): they come from different backbones")
+    return getattr(diffusers, klass).from_pretrained(str(folder), subfolder=subfolder, use_safetensors=True,
+                                                     torch_dtype=teacher.dtype)
+
+
 def load_student(folder, base=None, *, device="cpu"):
     """``(teacher, student)`` from an exported folder, with the recipe (timesteps, guidance) restored.
 
@@ -405,16 +421,9 @@ def load_student(folder, base=None, *, device="cpu"):
         teacher = load_teacher(str(folder), device=device, resolution=recipe.get("resolution"))
         return teacher, Student(teacher.backbone, None, recipe["timesteps"], recipe["guidance"],
                                 recipe.get("gamma", 1.0))
-    import diffusers
-
     teacher = load_teacher(base, device=device, resolution=recipe.get("resolution"))
     own = read_model_index(str(folder)).get("_class_name")
-    klass, subfolder = teacher.family.denoiser
-    if not (folder / subfolder).is_dir():
-        raise ExportError(f"student {folder} ({own}) has no {subfolder}/, the denoiser of the teacher "
-                          f"{teacher.source} ({teacher.pipeline_class}): they come from different backbones")
-    denoiser = getattr(diffusers, klass).from_pretrained(str(folder), subfolder=subfolder, use_safetensors=True,
-                                                         torch_dtype=teacher.dtype)
+    denoiser = exported_denoiser(folder, teacher)
     denoiser.requires_grad_(False).eval().to(device)
     backbone = DiffusionBackbone(denoiser, teacher.backbone.schedule, teacher.backbone.pred_type)
     _check_fits(backbone, teacher.backbone, "student", "teacher",

@@ -103,10 +103,8 @@ def start_from_export(student: Student, teacher, folder) -> None:
     (same layers and shapes; for LoRA the same rank and alpha); its recipe (timesteps, guidance) is not taken:
     the run's config decides those. A staged recipe, e.g. a one-step student continued as the first step of a
     multi-step one, or DMD2's regression pre-training followed by distribution matching."""
-    import diffusers
-
     from .config import ConfigError
-    from .export import ExportError, read_recipe
+    from .export import ExportError, exported_denoiser, read_recipe
 
     folder = Path(folder)
     try:
@@ -118,23 +116,16 @@ def start_from_export(student: Student, teacher, folder) -> None:
         raise ConfigError("student.init", f"{folder} holds a {recipe['kind']} student; this run trains a {kind} "
                           "student (student.kind)")
     denoiser = student.backbone.denoiser
-    if kind == "lora":
-        try:
+    try:
+        if kind == "lora":
             lora.fill_lora(denoiser, STUDENT_ADAPTER, folder / recipe["lora"]["weights"],
                            prefix=teacher.family.denoiser[1])
-        except lora.LoraFileError as err:
-            raise ConfigError("student.init", str(err)) from None
-        return
-    klass, subfolder = teacher.family.denoiser
-    if not (folder / subfolder).is_dir():
-        raise ConfigError("student.init", f"{folder} has no {subfolder}/ (the teacher's denoiser is a {klass})")
-    param = next(denoiser.parameters())
-    source = getattr(diffusers, klass).from_pretrained(str(folder), subfolder=subfolder, use_safetensors=True,
-                                                       torch_dtype=param.dtype)
-    try:
-        missing, unexpected = denoiser.load_state_dict(source.state_dict(), strict=False)
-    except RuntimeError as err:  # size mismatches
-        raise ConfigError("student.init", f"{folder}'s {subfolder} does not fit this student: {err}") from None
+            return
+        missing, unexpected = denoiser.load_state_dict(exported_denoiser(folder, teacher).state_dict(), strict=False)
+    except (ExportError, lora.LoraFileError) as err:
+        raise ConfigError("student.init", str(err)) from None
+    except RuntimeError as err:  # torch: size mismatches
+        raise ConfigError("student.init", f"{folder}'s denoiser does not fit this student: {err}") from None
     if missing or unexpected:
-        raise ConfigError("student.init", f"{folder}'s {subfolder} does not fit this student: {len(missing)} weights "
+        raise ConfigError("student.init", f"{folder}'s denoiser does not fit this student: {len(missing)} weights "
                           f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")

@@ -1,7 +1,8 @@
 """How much one later step of a multi-step student changes the sample it is given, next to the teacher.
 
 A multi-step student (LCM / DMD2 sampler) predicts ``x0``, re-noises it to its next time ``t`` with fresh
-noise and predicts again. This script takes the student's first-step samples ``x0`` (one per prompt), noises
+noise and predicts again. This script takes the student's first-step samples ``x0`` (``--per-digit`` per
+digit prompt "a handwritten digit D": it is meant for students of the embedded digits teacher), noises
 them to ``t`` and prints the RMS (latent space) of
 
 * ``x0`` itself,

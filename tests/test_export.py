@@ -388,7 +388,9 @@ def test_student_init_starts_a_run_from_an_export(tiny_full, tiny_sd, tmp_path):
                        (StudentConfig(kind="lora", lora_rank=4, init=str(adapter)), r"alpha 8\.0.*alpha 4"),
                        (StudentConfig(kind="full", init=str(adapter)), "holds a lora student; this run trains a full"),
                        (StudentConfig(kind="lora", lora_rank=4, lora_alpha=8.0, init=str(full)), "holds a full student"),
-                       (StudentConfig(kind="full", init=tiny_sd), "not a diffdistill export")]:
+                       (StudentConfig(kind="full", init=tiny_sd), "not a diffdistill export"),
+                       (StudentConfig(kind="full", guidance_embedding_dim=8, init=str(full)),  # its cond_proj: not in it
+                        r"does not fit this student: 1 weights missing.*cond_proj")]:
         with pytest.raises(ConfigError, match="student.init.*" + match):
             build_student(load_teacher(tiny_sd), cfg)
     with pytest.raises(ConfigError, match="student.init.*folder of an exported student"):
