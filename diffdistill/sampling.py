@@ -19,7 +19,7 @@ TCD's stochastic DDIM rule (``gamma = 0``: deterministic DDIM, as PCM samples).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -95,6 +95,26 @@ def step_landing(sched, ts: Sequence[float], i: int, gamma: float) -> tuple[torc
     return t_next, t_s
 
 
+def next_student_input(sched, x0: torch.Tensor, eps: torch.Tensor | None, ts: Sequence[float], i: int, gamma: float,
+                       fresh: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The input of step ``i + 1`` of the ``gamma`` sampler (:func:`sample_student`) over ``ts``, from step ``i``'s
+    prediction ``(x0, eps)`` (``eps`` unused at ``gamma = 1``); ``fresh()`` draws standard noise shaped as ``x0``,
+    called once unless ``gamma = 0``. Shared by sampling and by training's backward simulation, so a student is
+    trained on the inputs it samples from."""
+    if gamma == 1.0:
+        return sched.add_noise(x0, fresh(), ts[i + 1])
+    t_next, t_s = step_landing(sched, ts, i, gamma)
+    x = sched.add_noise(x0, eps, t_s)
+    if gamma == 0.0:
+        return x
+    if isinstance(sched, FlowSchedule):  # the forward process from s to t_next: x_s (a' / a_s) plus noise of variance
+        ratio = float(sched.alpha(t_next) / sched.alpha(t_s))  # sigma'^2 - (a' / a_s)^2 sigma_s^2
+        std = max(float(sched.sigma(t_next)) ** 2 - (ratio * float(sched.sigma(t_s))) ** 2, 0.0) ** 0.5
+        return ratio * x + std * fresh()
+    keep = float(sched.alpha(t_next) / sched.alpha(t_s)) ** 2  # alpha_bar_next / alpha_bar_s
+    return keep ** 0.5 * x + (1 - keep) ** 0.5 * fresh()
+
+
 @torch.no_grad()
 def sample_student(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond, ts: Sequence[float] | torch.Tensor,
                    *, uncond: Cond | None = None, guidance: float = 1.0,
@@ -118,30 +138,15 @@ def sample_student(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond,
     ts = _times(ts, 1)
     _check_batch(noise, cond, uncond)
     sched = backbone.schedule
-    flow = isinstance(sched, FlowSchedule)
     x = noise
     for i, t in enumerate(ts):
-        last = i + 1 == len(ts)
         if gamma == 1.0:
-            x0 = backbone.cfg(x, t, cond, uncond, guidance, out="x0")
-            if last:
-                return x0
-            fresh = backbone.randn_like(x0, generator)
-            x = sched.add_noise(x0, fresh, ts[i + 1])
-            continue
-        x0, eps = _x0_eps(backbone, x, t, cond, uncond, guidance)
-        t_next, t_s = step_landing(sched, ts, i, gamma)
-        x = sched.add_noise(x0, eps, t_s)
-        if last:
-            return x
-        if gamma > 0 and flow:  # the forward process from s to t_next: x_s (a' / a_s) plus noise of variance
-            ratio = float(sched.alpha(t_next) / sched.alpha(t_s))  # sigma'^2 - (a' / a_s)^2 sigma_s^2
-            std = max(float(sched.sigma(t_next)) ** 2 - (ratio * float(sched.sigma(t_s))) ** 2, 0.0) ** 0.5
-            x = ratio * x + std * backbone.randn_like(x, generator)
-        elif gamma > 0:
-            keep = float(sched.alpha(t_next) / sched.alpha(t_s)) ** 2  # alpha_bar_next / alpha_bar_s
-            fresh = backbone.randn_like(x, generator)
-            x = keep ** 0.5 * x + (1 - keep) ** 0.5 * fresh
+            x0, eps = backbone.cfg(x, t, cond, uncond, guidance, out="x0"), None
+        else:
+            x0, eps = _x0_eps(backbone, x, t, cond, uncond, guidance)
+        if i + 1 == len(ts):
+            return x0 if gamma == 1.0 else sched.add_noise(x0, eps, step_landing(sched, ts, i, gamma)[1])
+        x = next_student_input(sched, x0, eps, ts, i, gamma, lambda: backbone.randn_like(x0, generator))
     raise AssertionError("unreachable")
 
 

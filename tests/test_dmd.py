@@ -78,12 +78,17 @@ def test_each_phase_trains_only_its_modules(tiny_sd, tmp_path, kind, one_thread)
     assert all(torch.equal(base[k], after[k]) for k in base)  # the teacher never changes
 
 
-def test_backward_simulation_runs_the_students_own_steps(tiny_sd, tmp_path, monkeypatch, one_thread):
+@pytest.mark.parametrize("gamma", [1.0, 0.0, 0.5])
+def test_backward_simulation_runs_the_students_own_steps(tiny_sd, tmp_path, monkeypatch, one_thread, gamma):
+    """Each later input is the student's previous prediction moved as its sampler moves it: re-noised with fresh
+    noise (gamma 1, DMD2), by a DDIM jump (gamma 0), or TCD's jump to floor((1 - gamma) k_next) then fresh noise up
+    to the next time -- never a noised real image."""
     from diffdistill.batch import micro_batch
     from diffdistill.student import Student
 
     four = [1.0, 0.75, 0.5, 0.25]
-    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", f"student.timesteps={four}"))
+    extra = [] if gamma == 1.0 else ["objective.regression_weight=0"]
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", f"student.timesteps={four}", f"student.gamma={gamma}", *extra))
     calls, real_forward = [], Student.forward
 
     def spy(self, x_t, t, cond, out="x0"):
@@ -106,9 +111,21 @@ def test_backward_simulation_runs_the_students_own_steps(tiny_sd, tmp_path, monk
         replay = micro_batch(trainer.prompts, 2, 0, step, images=trainer.images)
         z = replay.randn(*trainer.teacher.latent_shape)
         assert torch.equal(calls[0][2], z)  # step 0 starts from pure noise
-        for i in range(1, k + 1):  # each later input is the previous x0 re-noised: no real image involved
-            eps = replay.randn(*trainer.teacher.latent_shape)
-            assert torch.allclose(calls[i][2], sched.add_noise(calls[i - 1][3], eps, four[i]), atol=1e-6)
+        for i in range(1, k + 1):
+            x_prev, x0_prev = calls[i - 1][2], calls[i - 1][3]
+            a, s = sched.alpha(four[i - 1]), sched.sigma(four[i - 1])
+            eps_prev = (x_prev.double() - a * x0_prev.double()) / s  # the noise the prediction implies
+            if gamma == 1.0:
+                want = sched.add_noise(x0_prev, replay.randn(*trainer.teacher.latent_shape), four[i])
+            else:  # TCD's rule on diffusers timesteps k (t = 0.75 is 749): s = floor((1 - gamma) k_next)
+                k_next = float(sched.to_timestep(four[i]))
+                k_s = float(torch.floor(torch.tensor((1 - gamma) * k_next)))
+                bar = lambda k_: float(sched.alpha(sched.from_timestep(k_))) ** 2  # noqa: E731
+                want = bar(k_s) ** 0.5 * x0_prev.double() + (1 - bar(k_s)) ** 0.5 * eps_prev
+                if gamma > 0:
+                    keep = bar(k_next) / bar(k_s)
+                    want = keep ** 0.5 * want + (1 - keep) ** 0.5 * replay.randn(*trainer.teacher.latent_shape).double()
+            assert torch.allclose(calls[i][2].double(), want.double(), atol=1e-5), (gamma, i)
     assert len(seen) > 1
 
 
@@ -293,6 +310,11 @@ def test_dmd_configs_are_checked(tiny_sd, tmp_path):
                                    f"teacher.path={tiny_sd}", f"train.output_dir={tmp_path / 'g'}"]))
     with pytest.raises(ConfigError, match="objective.student_every"):
         load_config(TINY, ["objective={name: dmd2, student_every: 0}", "data.images=digits"])
+    two = ["data.images=digits", "student.timesteps=[1.0, 0.5]", "student.gamma=0"]
+    with pytest.raises(ConfigError, match="objective.regression_steps"):  # later steps' pairs are fresh-noise re-noisings
+        load_config(TINY, ["objective={name: dmd2, regression_weight: 0.25}", *two])
+    ok = load_config(TINY, ["objective={name: dmd2, regression_weight: 0.25, regression_steps: first}", *two])
+    assert ok.student.gamma == 0 and ok.objective.regression_steps == "first"
     cfg = load_config(TINY, ["objective={name: dmd}"])  # DMD: regression + DM, no GAN, 1:1 updates
     assert cfg.objective.regression_weight == 0.25 and cfg.objective.gan_weight == 0 and cfg.objective.student_every == 1
 

@@ -23,8 +23,11 @@ Phases (the trainer runs them in this order; DMD2's two-time-scale rule is ``stu
 Multi-step students (e.g. ``student.timesteps: [1.0, 0.75, 0.5, 0.25]``, = diffusers 999, 749, 499,
 249) are trained with backward simulation (DMD2 sec. 4.5): for a step index ``k`` drawn once per batch,
 the student's input is produced by running the student's own first ``k`` steps from pure noise
-(no gradient), exactly as at inference -- never by noising real data. DMD2 trains one fake score on all
-steps' outputs, so it models their mixture and the DM gradient pushes the mixture, not each step's output,
+(no gradient), exactly as at inference -- never by noising real data. Between steps the rollout moves as the
+student's sampler does: DMD2 re-noises with fresh noise (``student.gamma: 1``); ``gamma: 0`` (ours, not in
+DMD2) takes a deterministic DDIM jump to the next time, ``0 < gamma < 1`` TCD's mix of the two. Then the
+regression term needs ``regression_steps: first`` (its later-step pairs are fresh-noise re-noisings).
+DMD2 trains one fake score on all steps' outputs, so it models their mixture and the DM gradient pushes the mixture, not each step's output,
 towards the real distribution: a poor step (on the digits teacher, the first, from pure noise at 999) can be
 compensated by distorting the others. ``fake_per_step: true`` (ours, not in DMD2) gives step ``k`` its own
 fake score, a network copy trained only on step ``k``'s outputs and used only for step ``k``'s DM gradient
@@ -122,6 +125,11 @@ class DMD2Config(ScoreDistillationConfig):
             if not later or min(later) <= self.min_t:
                 raise ConfigError("objective.dm_below_input", f"needs a multi-step student whose later timesteps lie "
                                   f"above min_t {self.min_t}; got {config.student.timesteps}")
+        if (self.regression_weight > 0 and self.regression_steps == "all" and config.student.gamma != 1.0
+                and len(config.student.timesteps) > 1):
+            raise ConfigError("objective.regression_steps", f"'all' trains later steps on teacher samples re-noised "
+                              f"with fresh noise, the sampler of student.gamma 1 (got {config.student.gamma}); set "
+                              f"regression_steps: first or regression_weight: 0")
         if self.fake_per_step:
             copies = self.fake_score == "full" or (self.fake_score == "auto" and config.student.kind == "full")
             if not copies:

@@ -18,6 +18,7 @@ import torch
 from .. import lora
 from ..backbone import DiffusionBackbone
 from ..config import _check
+from ..sampling import next_student_input
 from ..student import Student
 from .base import Batch, Objective, ObjectiveConfig, noised
 
@@ -40,11 +41,9 @@ class ScoreDistillationConfig(ObjectiveConfig):
         _check(self.fake_lr is None or self.fake_lr > 0, f"{p}.fake_lr", f"must be positive, got {self.fake_lr}")
 
     def validate_run(self, config) -> None:
-        """Students sample without CFG (unless their network embeds the guidance); multi-step ones are trained by
-        backward simulation, which re-noises with fresh noise: the sampler of ``student.gamma`` 1."""
+        """Students sample without CFG (unless their network embeds the guidance). Multi-step ones are trained by
+        backward simulation, which follows their own sampler (``student.gamma``)."""
         self.check_unguided_sampler(config)
-        self.check_renoising_sampler(config, "trains later steps by backward simulation, which re-noises the "
-                                     "student's own samples with fresh noise")
 
 
 def build_fake_score(cfg: ScoreDistillationConfig, teacher, student: Student) -> Student:
@@ -85,14 +84,18 @@ class ScoreDistillation(Objective):
         return self.generate_at_step(batch, cond, grad)[0]
 
     def generate_at_step(self, batch: Batch, cond, grad: bool) -> tuple[torch.Tensor, int]:
-        """:meth:`generate`'s sample and the step index ``k`` whose output it is."""
-        ts, t = self.student.timesteps, self.teacher
+        """:meth:`generate`'s sample and the step index ``k`` whose output it is. Between steps the rollout moves
+        as the student's sampler does (:func:`~diffdistill.sampling.next_student_input`): DMD2's re-noising with
+        fresh noise at ``student.gamma`` 1, a DDIM jump at 0 (not in DMD2), TCD's mix in between."""
+        ts, t, gamma = self.student.timesteps, self.teacher, self.student.gamma
+        sched = self.student.backbone.schedule
         x = batch.randn(*t.latent_shape, device=t.device, dtype=t.dtype)
         k = int(torch.randint(len(ts), (1,), generator=batch.shared)) if len(ts) > 1 else 0
         with torch.no_grad():
             for i in range(k):
                 x0 = self.student(x, ts[i], cond, out="x0")
-                x = self.student.backbone.schedule.add_noise(x0, batch.randn(*t.latent_shape).to(x0), ts[i + 1])
+                eps = None if gamma == 1.0 else sched.convert(x0, x, ts[i], "x0", "eps")
+                x = next_student_input(sched, x0, eps, ts, i, gamma, lambda: batch.randn(*t.latent_shape).to(x0))
         with torch.set_grad_enabled(grad):
             return self.student(x, ts[k], cond, out="x0"), k
 
