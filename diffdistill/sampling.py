@@ -96,13 +96,13 @@ def step_landing(sched, ts: Sequence[float], i: int, gamma: float) -> tuple[torc
 
 
 def next_student_input(sched, x0: torch.Tensor, eps: torch.Tensor | None, ts: Sequence[float], i: int, gamma: float,
-                       fresh: Callable[[], torch.Tensor]) -> torch.Tensor:
+                       fresh: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The input of step ``i + 1`` of the ``gamma`` sampler (:func:`sample_student`) over ``ts``, from step ``i``'s
-    prediction ``(x0, eps)`` (``eps`` unused at ``gamma = 1``); ``fresh()`` draws standard noise shaped as ``x0``,
-    called once unless ``gamma = 0``. Shared by sampling and by training's backward simulation, so a student is
+    prediction ``(x0, eps)`` (``eps`` unused at ``gamma = 1``); ``fresh(like)`` draws standard noise shaped as
+    ``like``, once unless ``gamma = 0``. Shared by sampling and by training's backward simulation, so a student is
     trained on the inputs it samples from."""
     if gamma == 1.0:
-        return sched.add_noise(x0, fresh(), ts[i + 1])
+        return sched.add_noise(x0, fresh(x0), ts[i + 1])
     t_next, t_s = step_landing(sched, ts, i, gamma)
     x = sched.add_noise(x0, eps, t_s)
     if gamma == 0.0:
@@ -110,9 +110,9 @@ def next_student_input(sched, x0: torch.Tensor, eps: torch.Tensor | None, ts: Se
     if isinstance(sched, FlowSchedule):  # the forward process from s to t_next: x_s (a' / a_s) plus noise of variance
         ratio = float(sched.alpha(t_next) / sched.alpha(t_s))  # sigma'^2 - (a' / a_s)^2 sigma_s^2
         std = max(float(sched.sigma(t_next)) ** 2 - (ratio * float(sched.sigma(t_s))) ** 2, 0.0) ** 0.5
-        return ratio * x + std * fresh()
+        return ratio * x + std * fresh(x)
     keep = float(sched.alpha(t_next) / sched.alpha(t_s)) ** 2  # alpha_bar_next / alpha_bar_s
-    return keep ** 0.5 * x + (1 - keep) ** 0.5 * fresh()
+    return keep ** 0.5 * x + (1 - keep) ** 0.5 * fresh(x)
 
 
 @torch.no_grad()
@@ -146,7 +146,7 @@ def sample_student(backbone: DiffusionBackbone, noise: torch.Tensor, cond: Cond,
             x0, eps = _x0_eps(backbone, x, t, cond, uncond, guidance)
         if i + 1 == len(ts):
             return x0 if gamma == 1.0 else sched.add_noise(x0, eps, step_landing(sched, ts, i, gamma)[1])
-        x = next_student_input(sched, x0, eps, ts, i, gamma, lambda: backbone.randn_like(x0, generator))
+        x = next_student_input(sched, x0, eps, ts, i, gamma, lambda like: backbone.randn_like(like, generator))
     raise AssertionError("unreachable")
 
 

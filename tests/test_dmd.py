@@ -120,7 +120,10 @@ def test_backward_simulation_runs_the_students_own_steps(tiny_sd, tmp_path, monk
             else:  # TCD's rule on diffusers timesteps k (t = 0.75 is 749): s = floor((1 - gamma) k_next)
                 k_next = float(sched.to_timestep(four[i]))
                 k_s = float(torch.floor(torch.tensor((1 - gamma) * k_next)))
-                bar = lambda k_: float(sched.alpha(sched.from_timestep(k_))) ** 2  # noqa: E731
+
+                def bar(k_):  # alpha_bar at diffusers timestep k_
+                    return float(sched.alpha(sched.from_timestep(k_))) ** 2
+
                 want = bar(k_s) ** 0.5 * x0_prev.double() + (1 - bar(k_s)) ** 0.5 * eps_prev
                 if gamma > 0:
                     keep = bar(k_next) / bar(k_s)

@@ -95,7 +95,7 @@ class ScoreDistillation(Objective):
             for i in range(k):
                 x0 = self.student(x, ts[i], cond, out="x0")
                 eps = None if gamma == 1.0 else sched.convert(x0, x, ts[i], "x0", "eps")
-                x = next_student_input(sched, x0, eps, ts, i, gamma, lambda: batch.randn(*t.latent_shape).to(x0))
+                x = next_student_input(sched, x0, eps, ts, i, gamma, lambda like: batch.randn(*like.shape[1:]).to(like))
         with torch.set_grad_enabled(grad):
             return self.student(x, ts[k], cond, out="x0"), k
 
