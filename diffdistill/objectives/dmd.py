@@ -26,9 +26,10 @@ the student's input is produced by running the student's own first ``k`` steps f
 (no gradient), exactly as at inference -- never by noising real data. Between steps the rollout moves as the
 student's sampler does: DMD2 re-noises with fresh noise (``student.gamma: 1``); ``gamma: 0`` (ours, not in
 DMD2) takes a deterministic DDIM jump to the next time, ``0 < gamma < 1`` TCD's mix of the two. Then the
-regression term needs ``regression_steps: first`` (its later-step pairs are fresh-noise re-noisings).
-DMD2 trains one fake score on all steps' outputs, so it models their mixture and the DM gradient pushes the mixture, not each step's output,
-towards the real distribution: a poor step (on the digits teacher, the first, from pure noise at 999) can be
+regression term needs ``regression_steps: first`` (its later-step pairs are fresh-noise re-noisings); on
+the digits teacher gamma 0 made the 4-step student far worse (README, "Train a student"). DMD2 trains one
+fake score on all steps' outputs, so it models their mixture and the DM gradient pushes the mixture, not
+each step's output, towards the real distribution: a poor step (on the digits teacher, the first, from pure noise at 999) can be
 compensated by distorting the others. ``fake_per_step: true`` (ours, not in DMD2) gives step ``k`` its own
 fake score, a network copy trained only on step ``k``'s outputs and used only for step ``k``'s DM gradient
 (full copies only, K networks in memory; the GAN head stays on the first step's copy). On the digits
