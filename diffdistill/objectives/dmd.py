@@ -29,8 +29,8 @@ DMD2) takes a deterministic DDIM jump to the next time, ``0 < gamma < 1`` TCD's 
 regression term needs ``regression_steps: first`` (its later-step pairs are fresh-noise re-noisings); on
 the digits teacher gamma 0 made the 4-step student far worse (README, "Train a student"). DMD2 trains one
 fake score on all steps' outputs, so it models their mixture and the DM gradient pushes the mixture, not
-each step's output, towards the real distribution: a poor step (on the digits teacher, the first, from pure noise at 999) can be
-compensated by distorting the others. ``fake_per_step: true`` (ours, not in DMD2) gives step ``k`` its own
+each step's output, towards the real distribution: a poor step (on the digits teacher, the first, from
+pure noise at 999) can be compensated by distorting the others. ``fake_per_step: true`` (ours, not in DMD2) gives step ``k`` its own
 fake score, a network copy trained only on step ``k``'s outputs and used only for step ``k``'s DM gradient
 (full copies only, K networks in memory; the GAN head stays on the first step's copy). On the digits
 teacher it helped at real guidance 1.1, not at 1.25 alone, and at 1.25 with ``dm_below_input`` (README,
