@@ -314,7 +314,7 @@ def test_dmd_configs_are_checked(tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match="objective.student_every"):
         load_config(TINY, ["objective={name: dmd2, student_every: 0}", "data.images=digits"])
     two = ["data.images=digits", "student.timesteps=[1.0, 0.5]", "student.gamma=0"]
-    with pytest.raises(ConfigError, match="objective.regression_steps"):  # later steps' pairs are fresh-noise re-noisings
+    with pytest.raises(ConfigError, match="regression_steps: all"):  # later steps' pairs are fresh-noise re-noisings
         load_config(TINY, ["objective={name: dmd2, regression_weight: 0.25}", *two])
     ok = load_config(TINY, ["objective={name: dmd2, regression_weight: 0.25, regression_steps: first}", *two])
     assert ok.student.gamma == 0 and ok.objective.regression_steps == "first"

@@ -30,9 +30,10 @@ regression term needs ``regression_steps: first`` (its later-step pairs are fres
 the digits teacher gamma 0 made the 4-step student far worse (README, "Train a student"). DMD2 trains one
 fake score on all steps' outputs, so it models their mixture and the DM gradient pushes the mixture, not
 each step's output, towards the real distribution: a poor step (on the digits teacher, the first, from
-pure noise at 999) can be compensated by distorting the others. ``fake_per_step: true`` (ours, not in DMD2) gives step ``k`` its own
-fake score, a network copy trained only on step ``k``'s outputs and used only for step ``k``'s DM gradient
-(full copies only, K networks in memory; the GAN head stays on the first step's copy). On the digits
+pure noise at 999) can be compensated by distorting the others. ``fake_per_step: true`` (ours, not in DMD2)
+gives step ``k`` its own fake score, a network copy trained only on step ``k``'s outputs and used only for
+step ``k``'s DM gradient (full copies only, K networks in memory; the GAN head stays on the first step's
+copy). On the digits
 teacher it helped at real guidance 1.1, not at 1.25 alone, and at 1.25 with ``dm_below_input`` (README,
 "Train a student"). Two more options of ours for multi-step students: ``dm_below_input: true`` draws step
 ``k``'s DM noise level below its input's time ``t_k`` (``k > 0``): above ``t_k`` the output's structure
@@ -126,11 +127,9 @@ class DMD2Config(ScoreDistillationConfig):
             if not later or min(later) <= self.min_t:
                 raise ConfigError("objective.dm_below_input", f"needs a multi-step student whose later timesteps lie "
                                   f"above min_t {self.min_t}; got {config.student.timesteps}")
-        if (self.regression_weight > 0 and self.regression_steps == "all" and config.student.gamma != 1.0
-                and len(config.student.timesteps) > 1):
-            raise ConfigError("objective.regression_steps", f"'all' trains later steps on teacher samples re-noised "
-                              f"with fresh noise, the sampler of student.gamma 1 (got {config.student.gamma}); set "
-                              f"regression_steps: first or regression_weight: 0")
+        if self.regression_weight > 0 and self.regression_steps == "all":
+            self.check_renoising_sampler(config, "with regression_steps: all (set first, or regression_weight: 0) "
+                                         "trains later steps on teacher samples re-noised with fresh noise")
         if self.fake_per_step:
             copies = self.fake_score == "full" or (self.fake_score == "auto" and config.student.kind == "full")
             if not copies:
