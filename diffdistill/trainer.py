@@ -32,11 +32,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .batch import micro_batch
+from .batch import Batch, micro_batch
 from .config import Config, dump_config
 from .ema import EMA
 from .images import save_grid
-from .objectives import OBJECTIVES, Objective
+from .objectives import OBJECTIVES, LossOut, Objective
 from .sources import load_images, load_prompts
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -145,16 +145,38 @@ class Trainer:
                     params.append(p)
         return params
 
+    # -- one phase's loss: the seam the loop and the objective tests share ----------------------------
+    def micro_batch(self, step: int, micro: int = 0, batch_size: int | None = None) -> Batch:
+        """This process's micro-batch ``micro`` of ``step`` (``batch_size``: ``train.batch_size``), as the loop
+        draws it: the same prompts, images and noise whenever it is asked for again."""
+        tc = self.cfg.train
+        return micro_batch(self.prompts, batch_size or tc.batch_size, tc.seed, step, micro, self.acc.process_index,
+                           self.acc.num_processes, self.images)
+
+    def phase(self, name: str):
+        """The objective's phase called ``name``."""
+        for phase in self.phases:
+            if phase.name == name:
+                return phase
+        raise ValueError(f"{type(self.objective).__name__} has phases {[p.name for p in self.phases]}; got {name!r}")
+
+    def phase_loss(self, phase, batch: Batch, step: int = 0) -> LossOut:
+        """Phase ``phase`` (a name or a :class:`Phase`)'s loss on ``batch`` with only that phase's parameters
+        trainable: what one micro-step of the loop backpropagates (no gradient reset, no optimizer step)."""
+        phase = self.phase(phase) if isinstance(phase, str) else phase
+        self._activate(phase)
+        with self.acc.autocast():
+            return self.model(phase.name, batch, step)
+
     # -- one phase update -------------------------------------------------------------------------
     def _update(self, phase, step: int) -> dict:
         params = self._activate(phase)
-        opt, accum, tc = self.optimizers[phase.name], self.cfg.train.gradient_accumulation, self.cfg.train
+        opt, accum = self.optimizers[phase.name], self.cfg.train.gradient_accumulation
         opt.zero_grad(set_to_none=True)
         terms_sum: dict[str, float] = {}
         bad_term = None
         for micro in range(accum):
-            batch = micro_batch(self.prompts, tc.batch_size, tc.seed, step, micro, self.acc.process_index,
-                                self.acc.num_processes, self.images)
+            batch = self.micro_batch(step, micro)
             # DDP averages gradients on the last micro-step only; every rank runs every backward, even
             # a non-finite one, so no rank waits on a collective the others skipped
             sync = micro == accum - 1 or self.model is self.objective

@@ -78,30 +78,21 @@ def test_training_grid_and_teacher_step_equal_ddim(tiny_sd, tmp_path, one_thread
     assert torch.allclose(guided, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, kind", [("lcm", "full"), ("lcm", "lora"), ("pcm", "lora"), ("tdd", "full")])
-def test_only_the_student_trains_and_the_teacher_is_unchanged(tiny_sd, tmp_path, name, kind, one_thread):
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_the_target_network_is_a_gradient_free_copy_or_the_online_student(tiny_sd, tmp_path, kind, one_thread):
+    """Full students: an EMA copy no optimizer trains; LoRA students (LCM-LoRA): the online student under no_grad.
+    (The phase's contract and the loss against a reference step: tests/test_objectives.py.)"""
     extra = ["student.kind=lora", "student.lora_rank=4"] if kind == "lora" else []
-    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", f"objective={{name: {name}}}", *extra))
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", *extra))
     obj = trainer.objective
     assert [(p.name, p.modules) for p in trainer.phases] == [("student", ["student"])]
-    base = {k: p.detach().clone() for k, p in trainer.teacher.backbone.denoiser.named_parameters() if "lora" not in k}
-    out = obj.loss("student", micro_batch(trainer.prompts, 2, 0, 0, images=trainer.images), 0)
-    assert torch.isfinite(out.total) and out.total > 0 and set(out.terms) == {"consistency_huber"}
-    trainer._activate(trainer.phases[0])
-    out.total.backward()
-    grads = [p.grad for p in trainer.groups["student"].values()]
-    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    if kind == "full":  # the EMA target is a separate, gradient-free copy
+    trainer.phase_loss("student", trainer.micro_batch(0)).total.backward()
+    if kind == "full":
+        own = {id(p) for p in obj.student.parameters()}
+        assert not any(id(p) in own for p in obj.target.parameters())
         assert all(p.grad is None and not p.requires_grad for p in obj.target.parameters())
-        before = [p.detach().clone() for p in obj.target.parameters()]
     else:
         assert obj.target is None and obj.target_net() is obj.student
-    trainer.run()
-    after = dict(trainer.teacher.backbone.denoiser.named_parameters())
-    assert all(torch.equal(base[k], after[k]) for k in base)  # the teacher never changes
-    if kind == "full":  # four updates of target <- 0.95 target + 0.05 student moved the target
-        moved = [not torch.equal(b, p) for b, p in zip(before, obj.target.parameters())]
-        assert any(moved)
 
 
 def test_target_follows_the_student_by_ema(tiny_sd, tmp_path, one_thread):
@@ -164,9 +155,7 @@ def test_guidance_embedding_matches_diffusers_and_starts_as_the_teacher(tiny_sd,
         assert torch.equal(student(x, t, cond), student(x, t, cond.with_guidance(3.0)))  # default: student.guidance
     with pytest.raises(ValueError, match="with_guidance"):
         student.backbone(x, t, cond)
-    out = trainer.objective.loss("student", micro_batch(trainer.prompts, 2, 0, 0, images=trainer.images), 0)
-    trainer._activate(trainer.phases[0])
-    out.total.backward()
+    trainer.phase_loss("student", trainer.micro_batch(0)).total.backward()
     assert student.backbone.denoiser.time_embedding.cond_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="guidance_embedding_dim"):
         _cfg(tiny_sd, tmp_path, "student.kind=lora", "student.guidance_embedding_dim=32")

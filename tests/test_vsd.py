@@ -52,10 +52,11 @@ def test_weighted_denoising_loss():
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_each_phase_trains_only_its_modules(tiny_sd, tmp_path, kind, one_thread):
+def test_vsd_phases_and_its_lora_teacher(tiny_sd, tmp_path, kind, one_thread):
+    """What SwiftBrush is made of (each phase's contract and direction: tests/test_objectives.py)."""
     extra = ["student.kind=lora", "student.lora_rank=4"] if kind == "lora" else []
     trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", "objective={name: swiftbrush, fake_lora_rank: 4}", *extra))
-    obj, groups, teacher = trainer.objective, trainer.groups, trainer.teacher
+    obj, teacher = trainer.objective, trainer.teacher
     assert [(p.name, p.modules, p.every, p.lr) for p in trainer.phases] == [
         ("student", ["student"], 1, None), ("fake_score", ["fake_score"], 1, 1e-3)]
     assert trainer.optimizers["fake_score"].param_groups[0]["lr"] == 1e-3
@@ -64,29 +65,6 @@ def test_each_phase_trains_only_its_modules(tiny_sd, tmp_path, kind, one_thread)
     assert obj.fake.backbone is teacher.backbone and obj.fake.adapter == "fake_score"
     assert teacher.backbone.denoiser.peft_config["fake_score"].r == 4
     assert sorted(teacher.backbone.denoiser.peft_config["fake_score"].target_modules) == ["to_q", "to_v"]
-    base = {k: p.detach().clone() for k, p in teacher.backbone.denoiser.named_parameters() if "lora" not in k}
-    with torch.no_grad():  # a fresh LoRA teacher equals the teacher: the VSD gradient would be exactly 0
-        for p in groups["fake_score"].values():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
-    for phase in trainer.phases:
-        for group in groups.values():
-            for p in group.values():
-                p.grad = None
-        trainer._activate(phase)
-        out = obj.loss(phase.name, micro_batch(trainer.prompts, 2, 0, 0), 0)
-        assert torch.isfinite(out.total)
-        expected = {"student": {"vsd_loss", "vsd_grad_norm", "guidance"}, "fake_score": {"fake_denoising"}}
-        assert set(out.terms) == expected[phase.name]
-        out.total.backward()
-        for name, group in groups.items():
-            grads = [p.grad for p in group.values()]
-            if name in phase.modules:
-                assert any(g is not None and g.abs().sum() > 0 for g in grads), (phase.name, name)
-            else:
-                assert all(g is None for g in grads), (phase.name, name)
-    trainer.run()
-    after = dict(teacher.backbone.denoiser.named_parameters())
-    assert all(torch.equal(base[k], after[k]) for k in base)  # the teacher never changes
 
 
 @pytest.mark.parametrize("objective,fake_cfg", [("swiftbrush", True), ("snoopi", True), ("swiftbrush", False)])
