@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 SPLIT_SEED = 20261128
 HELD_IN_PER_DIGIT, HELD_OUT_PER_DIGIT = 400, 100
@@ -136,3 +137,13 @@ def write_manifest(path: str | Path, seed: int = SPLIT_SEED) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (zero = background -1 fill)."""
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    out = torch.empty_like(x)
+    dx, dy = torch.randint(0, 2 * max_shift + 1, (2, len(x)), generator=g).tolist()
+    for i in range(len(x)):
+        out[i] = padded[i, :, dy[i]:dy[i] + x.shape[2], dx[i]:dx[i] + x.shape[3]]
+    return out

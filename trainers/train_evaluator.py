@@ -20,18 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffdistill.data import TRAIN_TEMPLATES, caption, load_split
+from diffdistill.data import TRAIN_TEMPLATES, caption, load_split, random_shift
 from diffdistill.eval.evaluator import MODEL_CONFIG, DigitsEvaluator, build_model
-
-
-def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` pixels (zero = background -1 fill)."""
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    out = torch.empty_like(x)
-    dx, dy = torch.randint(0, 2 * max_shift + 1, (2, len(x)), generator=g).tolist()
-    for i in range(len(x)):
-        out[i] = padded[i, :, dy[i]:dy[i] + x.shape[2], dx[i]:dx[i] + x.shape[3]]
-    return out
 
 
 def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, img_labels, txt_labels, scale) -> torch.Tensor:

@@ -257,7 +257,8 @@ def _run_protocol(sample, protocol, num_images, seed, captions, images, nfe):
 
 COLUMNS = [("model", "model", "{}"), ("steps", "steps", "{}"), ("NFE", "nfe", "{:g}"), ("FID", "fid", "{:.3f}"),
            ("FID/floor", "fid_ratio_to_floor", "{:.2f}"), ("CLIP", "clip_score", "{:.3f}"),
-           ("prompt acc", "prompt_accuracy", "{:.3f}"), ("diversity", "diversity", "{:.3f}"),
+           ("prompt acc", "prompt_accuracy", "{:.3f}"), ("classifier acc", "classifier_accuracy", "{:.3f}"),
+           ("classifier FD", "classifier_fd", "{:.2f}"), ("diversity", "diversity", "{:.3f}"),
            ("diversity ratio", "diversity_ratio", "{:.2f}"), ("ms/image", "ms_per_image", "{:.1f}"),
            ("speed-up", "speed_up", "{:.1f}x")]
 
@@ -294,6 +295,14 @@ def write_report(out: str | Path, rows: list[dict], grids: list[torch.Tensor], p
     if floor is not None:
         notes += (f"Real-vs-real FID floor at {rows[0]['num_images']} images: {floor:.3f}. "
                   f"Real images' diversity: {rows[0].get('diversity_real', float('nan')):.3f}.\n\n")
+    if rows[0].get("classifier_fd_real_floor") is not None:
+        notes += (f"Classifier acc / FD: the second, independent digits evaluator (a CNN trained on the held-in real "
+                  f"digits with labels only; real-vs-real FD floor {rows[0]['classifier_fd_real_floor']:.2f}). Prompt "
+                  "acc is the CLIP evaluator's zero-shot reading, which is lenient on broken strokes.\n\n")
+    for r in rows:
+        if r.get("evaluators_disagree"):
+            notes += (f"**The two evaluators disagree on {r.get('model', 'this model')}**: CLIP prompt accuracy "
+                      f"{r['prompt_accuracy']:.3f}, classifier accuracy {r['classifier_accuracy']:.3f}.\n\n")
     notes += ("ms/image: text encoder + denoiser + VAE decode, median of 3 timed runs after a warm-up, "
               f"batch {rows[0]['speed']['batch_size']}, {rows[0]['speed']['device']}, {rows[0]['speed']['dtype']}. "
               "NFE counts both CFG branches. Diversity ratio: against the first row when it is a teacher, else "

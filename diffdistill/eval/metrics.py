@@ -41,6 +41,14 @@ def prompt_accuracy(predicted, labels) -> float:
     return float((p == y).mean())
 
 
+def per_class_accuracy(predicted, labels, num_classes: int) -> list[float | None]:
+    """The accuracy within each true class ``0 .. num_classes - 1`` (None for a class with no samples)."""
+    p, y = _np(predicted), _np(labels)
+    if p.shape != y.shape:
+        raise ValueError(f"predictions {p.shape} and labels {y.shape} differ in shape")
+    return [float((p[y == c] == c).mean()) if (y == c).any() else None for c in range(num_classes)]
+
+
 def clip_score(image_emb, text_emb, scale: float = 1.0) -> float:
     """Mean cosine similarity of paired image and text embeddings (DMD2/GigaGAN report it; x100 optional)."""
     a, b = _np(image_emb), _np(text_emb)

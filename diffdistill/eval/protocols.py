@@ -18,20 +18,30 @@ from tqdm.auto import tqdm
 
 from ..data import eval_prompts, load_split
 from . import metrics
+from .digit_classifier import DigitClassifier
 from .evaluator import DigitsEvaluator
 
 # sample_fn(prompts, generator) -> images (B, 3, H, W) in [0, 1]
 SampleFn = Callable[[Sequence[str], torch.Generator], torch.Tensor]
 
 
+# the two evaluators' prompt accuracies differ by more than this: the report says so
+EVALUATORS_DISAGREE = 0.05
+
+
 def digits_protocol(sample_fn: SampleFn, evaluator: DigitsEvaluator | None = None, n_per_digit: int = 100,
-                    batch_size: int = 100, seed: int = 0, nfe: int | None = None) -> tuple[dict, torch.Tensor]:
-    """``n_per_digit`` images per digit from the held-out caption templates, scored by the embedded
-    evaluator: FID against the held-out real split (and the real-vs-real floor: a held-in subset of the
-    same size vs held-out), CLIP score, prompt accuracy, diversity (and the real images' diversity), and improved precision /
-    recall (k = 3) against the held-out real features.
+                    batch_size: int = 100, seed: int = 0, nfe: int | None = None,
+                    classifier: DigitClassifier | None = None) -> tuple[dict, torch.Tensor]:
+    """``n_per_digit`` images per digit from the held-out caption templates, scored by two independent evaluators.
+    The embedded CLIP evaluator: FID against the held-out real split (and the real-vs-real floor: a held-in subset
+    of the same size vs held-out), CLIP score, prompt accuracy, diversity (and the real images' diversity), and
+    improved precision / recall (k = 3) against the held-out real features. The CNN digit classifier
+    (``digit_classifier.py``): ``classifier_accuracy`` (overall and per digit) and ``classifier_fd``, the
+    Frechet distance in its penultimate features against the held-out split (floor: the same held-in subset);
+    ``evaluators_disagree`` when the two accuracies differ by more than :data:`EVALUATORS_DISAGREE`.
     Returns (metrics, images in [0, 1])."""
     evaluator = evaluator or DigitsEvaluator.load()
+    classifier = classifier or DigitClassifier.load()
     prompts, labels = eval_prompts(n_per_digit)
     g = torch.Generator().manual_seed(seed)
     images, seconds = [], 0.0
@@ -62,7 +72,20 @@ def digits_protocol(sample_fn: SampleFn, evaluator: DigitsEvaluator | None = Non
     }
     result["fid_ratio_to_floor"] = result["fid"] / floor
     result.update(metrics.precision_recall(real, feats, k=3))
+    result.update(classifier_scores(classifier, x, labels_t, held_out, held_in.images[pick]))
+    result["evaluators_disagree"] = abs(result["prompt_accuracy"] - result["classifier_accuracy"]) > EVALUATORS_DISAGREE
     return result, images
+
+
+def classifier_scores(classifier: DigitClassifier, x: torch.Tensor, labels: torch.Tensor, held_out,
+                      held_in_pick: torch.Tensor) -> dict:
+    """The digit classifier's view of images ``x`` in [-1, 1] prompted with digits ``labels``."""
+    pred = classifier.classify(x)
+    real = classifier.features(held_out.images)
+    return {"classifier_accuracy": metrics.prompt_accuracy(pred, labels),
+            "classifier_accuracy_per_digit": metrics.per_class_accuracy(pred, labels, 10),
+            "classifier_fd": metrics.fid(classifier.features(x), real),
+            "classifier_fd_real_floor": metrics.fid(classifier.features(held_in_pick), real)}
 
 
 # -- presets ---------------------------------------------------------------------------------------
