@@ -64,16 +64,10 @@ class DigitClassifier:
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_PATH, device="cpu") -> DigitClassifier:
-        from safetensors.torch import load_file
+        from .evaluator import load_model_folder
 
-        path = Path(path)
-        for f in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (path / f).is_file():
-                raise FileNotFoundError(f"digit classifier incomplete: {path / f} is missing "
-                                        "(re-create it with trainers/train_digit_classifier.py)")
-        model = build_model(json.loads((path / CONFIG_FILE).read_text()))
-        model.load_state_dict({k: v.float() for k, v in load_file(str(path / WEIGHTS_FILE)).items()})
-        return cls(model, device)
+        return cls(load_model_folder(path, CONFIG_FILE, WEIGHTS_FILE, build_model, "digit classifier",
+                                     "trainers/train_digit_classifier.py"), device)
 
     def save(self, path: str | Path, config: dict = MODEL_CONFIG, metadata: dict | None = None) -> None:
         from safetensors.torch import save_file

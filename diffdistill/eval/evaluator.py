@@ -50,6 +50,21 @@ def build_model(config: dict = MODEL_CONFIG):
     return model
 
 
+def load_model_folder(path: str | Path, config_file: str, weights_file: str, build, what: str, script: str):
+    """``build(config)`` with the float32 weights of a folder holding ``config_file`` (JSON) and ``weights_file``
+    (safetensors); a missing file is named, with the ``script`` that re-creates it."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for f in (config_file, weights_file):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{what} incomplete: {path / f} is missing (re-create it with {script})")
+    model = build(json.loads((path / config_file).read_text()))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in load_file(str(path / weights_file)).items()})
+    return model
+
+
 class DigitsEvaluator:
     """Loaded evaluator: ``image_features``, ``text_features``, ``classify``."""
 
@@ -64,17 +79,8 @@ class DigitsEvaluator:
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_PATH, device="cpu") -> DigitsEvaluator:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        for f in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (path / f).is_file():
-                raise FileNotFoundError(f"digits evaluator incomplete: {path / f} is missing "
-                                        "(re-create it with trainers/train_evaluator.py)")
-        model = build_model(json.loads((path / CONFIG_FILE).read_text()))
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                               for k, v in load_file(str(path / WEIGHTS_FILE)).items()})
-        return cls(model, device)
+        return cls(load_model_folder(path, CONFIG_FILE, WEIGHTS_FILE, build_model, "digits evaluator",
+                                     "trainers/train_evaluator.py"), device)
 
     def save(self, path: str | Path, config: dict = MODEL_CONFIG, metadata: dict | None = None) -> None:
         from safetensors.torch import save_file
