@@ -1,6 +1,7 @@
 """Export: stock diffusers reproduces our students (round trips on the embedded teacher's students),
 LoRA files refused when not clean safetensors, folder safety, the recipe, the model card, the CLI."""
 
+import importlib.util
 import json
 import os
 import re
@@ -113,22 +114,24 @@ def _call_kwargs(recipe) -> dict:
     return kwargs
 
 
-def test_stock_diffusers_reproduces_the_student(trained):
-    import diffusers
-    from diffusers import DiffusionPipeline
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def test_stock_diffusers_reproduces_the_student(trained):
+    """The model card's call, as ``eval/digits_student.py`` makes it (the base pipeline and ``load_lora_weights``
+    for a LoRA), reproduces our sampler."""
     (_, kind, ts, guidance, _), run, out = trained
     teacher, student, info = load_run_student(run)
     assert info["step"] == 2 and info["ema"]
     recipe = read_recipe(out)
     kwargs = _call_kwargs(recipe)
     ours = _ours(teacher, student)
-    if kind == "full":
-        pipe = DiffusionPipeline.from_pretrained(str(out))
-    else:
-        pipe = DiffusionPipeline.from_pretrained(EMBEDDED_TEACHER, dtype=torch.float32)
-        pipe.scheduler = getattr(diffusers, recipe["scheduler"]["class"]).from_pretrained(str(out), subfolder="scheduler")
-        pipe.load_lora_weights(str(out))
+    pipe, call = _script("digits_student").stock_pipeline(out)
+    assert call == {"num_inference_steps": len(ts), "guidance_scale": guidance, **kwargs}
     assert type(pipe.scheduler).__name__ == ("LCMScheduler" if student.gamma == 1 else "TCDScheduler")
     theirs = _stock(pipe, len(ts), guidance, **kwargs)
     assert pipe.scheduler.timesteps.tolist() == [round(1000 * t) - 1 for t in ts]

@@ -46,7 +46,8 @@ def test_asset_scripts_import_and_parse_their_arguments(capsys):
     import pytest
 
     for path in (ROOT / "trainers" / "train_teacher.py", ROOT / "trainers" / "train_evaluator.py",
-                 ROOT / "eval" / "digits_teacher.py"):
+                 ROOT / "trainers" / "train_digit_classifier.py", ROOT / "eval" / "digits_teacher.py",
+                 ROOT / "eval" / "digits_student.py"):
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
