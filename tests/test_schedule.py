@@ -99,7 +99,9 @@ def test_euler_sampler_equals_ddim_scheduler(native, diffusers_name, betas, set_
     backbone = DiffusionBackbone(net, vp, native)
     grid = vp.grid(10, "leading", 1, final="clean" if set_alpha_to_one else "first")
     ours = sample_ode(backbone, x, Cond(torch.zeros(2, 1, 1)), grid, solver="ddim")
-    assert (ours - ref).abs().max() < 1e-5
+    # diffusers steps in float32, we in float64: on DDPM's linear betas the samples reach |x| ~ 20, where float32's
+    # rounding over 10 steps is ~1e-5 absolute (1.5e-5 measured on this machine's CPU): compare relatively there
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-5), (ours - ref).abs().max()
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
