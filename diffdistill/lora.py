@@ -103,6 +103,26 @@ def active_adapter(model: nn.Module, name: str | None):
         set_active(model, previous)
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """diffusers' gradient checkpointing for ``model``, made safe for several adapters on one network.
+
+    A checkpointed block runs its forward again during the backward; diffusers' default re-runs it with
+    whatever adapter is active *then*. In shared-base mode one phase's forward and its backward are separated
+    by forwards under other adapters (the fake score's, the teacher's with adapters off), and the re-run then
+    saves other tensors (autograd's ``CheckpointError``) or, worse, computes another network's gradient.
+    Here the re-run runs under the adapter that was active in the forward (non-reentrant checkpointing's
+    ``context_fn``). Networks without adapters behave exactly as with diffusers' default."""
+    import torch.utils.checkpoint
+
+    def checkpointed(block, *args):
+        in_forward = current(model)
+        return torch.utils.checkpoint.checkpoint(
+            block.__call__, *args, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), active_adapter(model, in_forward)))
+
+    model.enable_gradient_checkpointing(checkpointed)
+
+
 # -- files in diffusers' LoRA format ------------------------------------------------------------------
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the peft LoraConfig (JSON) in the file

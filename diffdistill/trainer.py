@@ -88,11 +88,11 @@ class Trainer:
         # attention.backend: teacher and student now; the fake score and EMA targets, copied from them, inherit it
         for net in (self.teacher.backbone.denoiser, self.student.backbone.denoiser):
             use_attention(net, cfg.attention.backend, cfg.attention.density)
-        if cfg.train.gradient_checkpointing:
-            self.student.backbone.denoiser.enable_gradient_checkpointing()
         self.objective: Objective = OBJECTIVES[type(cfg.objective).name](cfg.objective, self.teacher, self.student,
                                                                          self.prompts)
         self.groups = self.objective.trainable()  # name -> {param name: param}
+        if cfg.train.gradient_checkpointing:
+            self._enable_checkpointing()
         self.phases = self.objective.phases()
         for phase in self.phases:
             unknown = [m for m in phase.modules if m not in self.groups]
@@ -110,6 +110,18 @@ class Trainer:
             self.schedulers[phase.name] = self._lr_scheduler(opt.optimizer, phase)
         self.ema = EMA(self.groups["student"], decay=cfg.train.ema_decay)
         self.state = RunState(skipped={p.name: 0 for p in self.phases}, consecutive={p.name: 0 for p in self.phases})
+
+    def _enable_checkpointing(self) -> None:
+        """``train.gradient_checkpointing``: on every diffusers network a phase trains (the student's, and a fake
+        score's own copy), adapter-safe (:func:`lora.enable_checkpointing`). After the objective is built, so that
+        networks copied from the student's do not share its checkpointing closure."""
+        from . import lora
+
+        trained = {id(p) for group in self.groups.values() for p in group.values()}
+        for module in self.objective.modules():  # parents first: a network's own blocks are then already on
+            if getattr(module, "_supports_gradient_checkpointing", False) and not module.is_gradient_checkpointing \
+                    and any(id(p) in trained for p in module.parameters()):
+                lora.enable_checkpointing(module)
 
     def _distribute(self, objective: Objective) -> torch.nn.Module:
         """The module whose forward computes a phase's loss: the objective itself on one process, its DDP

@@ -236,3 +236,40 @@ def test_lr_schedule_warms_up_then_decays(tiny_sd, tmp_path):
     lrs = [r["lr"] for r in _losses(run)]  # the LR each update used
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0  # cosine decay over the remaining updates
+
+
+GC_CASES = {"dmd2-lora": ["objective={name: dmd2, student_every: 1}", "data.images=digits", "student.timesteps=[1.0]",
+                          "student.kind=lora", "student.lora_rank=4"],  # student and fake score: adapters on one base
+            "swiftbrush-lora": ["objective={name: swiftbrush, fake_lora_rank: 4}", "student.timesteps=[1.0]",
+                                "student.kind=lora", "student.lora_rank=4"],
+            "dmd2-full": ["objective={name: dmd2, student_every: 1}", "data.images=digits", "student.timesteps=[1.0]"]}
+
+
+@pytest.mark.parametrize("family,case", [("tiny_sd", c) for c in sorted(GC_CASES)] + [("tiny_flux", "dmd2-lora")])
+def test_gradient_checkpointing_changes_no_gradient(request, tmp_path, family, case, one_thread):
+    """train.gradient_checkpointing re-runs blocks in the backward: under the adapter of their forward (not the one
+    active by then: PLATFORM.md's CheckpointError), on every network a phase trains (a fake score's own copy too)."""
+    grads = {}
+    for on in (False, True):
+        size = ["teacher.resolution=16"] if family == "tiny_flux" else []
+        trainer = Trainer(_cfg(request.getfixturevalue(family), tmp_path / str(on), *GC_CASES[case], *size,
+                               f"train.gradient_checkpointing={str(on).lower()}"))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # the fake score and heads off their neutral start, identically in both runs
+            for name, group in trainer.groups.items():
+                for p in group.values():
+                    if name != "student":
+                        p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for phase in trainer.phases:
+            for group in trainer.groups.values():
+                for p in group.values():
+                    p.grad = None
+            trainer.phase_loss(phase, trainer.micro_batch(0)).total.backward()
+            grads[on, phase.name] = {f"{m}.{k}": p.grad.clone() for m in phase.modules
+                                     for k, p in trainer.groups[m].items() if p.grad is not None}
+        networks = [trainer.student.backbone.denoiser, trainer.objective.fake.backbone.denoiser]
+        assert all(net.is_gradient_checkpointing == on for net in networks)
+    for phase in trainer.phases:
+        off, on_ = grads[False, phase.name], grads[True, phase.name]
+        assert off.keys() == on_.keys() and off
+        assert all(torch.allclose(off[k], on_[k], atol=1e-6) for k in off), phase.name
