@@ -242,7 +242,11 @@ GC_CASES = {"dmd2-lora": ["objective={name: dmd2, student_every: 1}", "data.imag
                           "student.kind=lora", "student.lora_rank=4"],  # student and fake score: adapters on one base
             "swiftbrush-lora": ["objective={name: swiftbrush, fake_lora_rank: 4}", "student.timesteps=[1.0]",
                                 "student.kind=lora", "student.lora_rank=4"],
-            "dmd2-full": ["objective={name: dmd2, student_every: 1}", "data.images=digits", "student.timesteps=[1.0]"]}
+            "dmd2-full": ["objective={name: dmd2, student_every: 1}", "data.images=digits", "student.timesteps=[1.0]"],
+            "dmd2-full-lora-fake": ["objective={name: dmd2, student_every: 1, fake_score: lora, fake_lora_rank: 4}",
+                                    "data.images=digits", "student.timesteps=[1.0]"],  # the fake adapter on the teacher
+            "dmd2-lora-full-fake": ["objective={name: dmd2, student_every: 1, fake_score: full}", "data.images=digits",
+                                    "student.timesteps=[1.0]", "student.kind=lora", "student.lora_rank=4"]}
 
 
 @pytest.mark.parametrize("family,case", [("tiny_sd", c) for c in sorted(GC_CASES)] + [("tiny_flux", "dmd2-lora")])
@@ -267,8 +271,8 @@ def test_gradient_checkpointing_changes_no_gradient(request, tmp_path, family, c
             trainer.phase_loss(phase, trainer.micro_batch(0)).total.backward()
             grads[on, phase.name] = {f"{m}.{k}": p.grad.clone() for m in phase.modules
                                      for k, p in trainer.groups[m].items() if p.grad is not None}
-        networks = [trainer.student.backbone.denoiser, trainer.objective.fake.backbone.denoiser]
-        assert all(net.is_gradient_checkpointing == on for net in networks)
+        networks = [trainer.student.backbone.denoiser, trainer.objective.fake.backbone.denoiser]  # every combination
+        assert all(net.is_gradient_checkpointing == on for net in networks)  # of full / LoRA student and fake score
     for phase in trainer.phases:
         off, on_ = grads[False, phase.name], grads[True, phase.name]
         assert off.keys() == on_.keys() and off
