@@ -232,6 +232,7 @@ class DiffusionBackbone(nn.Module):
         if missing:
             raise ValueError(f"this denoiser's added conditioning needs Cond.extra keys {list(self.required_extra)}, "
                              f"missing {missing}: encode prompts with the teacher's encode_prompt / empty_cond")
+        x_t, cond = self._in_weight_dtype(x_t, cond)
         if self.is_flux:
             return self._denoise_flux(x_t, timestep, cond)
         if self.is_mmdit:
@@ -263,6 +264,17 @@ class DiffusionBackbone(nn.Module):
                             txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype),
                             img_ids=flux_image_ids(H, W, x_t.device, x_t.dtype), return_dict=False)[0]
         return unpack_latents(out, H, W)
+
+    def _in_weight_dtype(self, x_t: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, Cond]:
+        """Latents and text embeddings in the dtype of the denoiser's weights: an fp32 master student (or fake
+        score) beside a half-precision teacher takes the teacher's half-precision latents and embeddings, and the
+        teacher the students' fp32 samples (under autocast, autocast then picks the compute dtype). The guidance
+        scale keeps its own dtype."""
+        weight = next((p.dtype for p in self.denoiser.parameters() if p.is_floating_point()), None)
+        if weight is None or (x_t.dtype == weight and cond.embeds.dtype == weight):
+            return x_t, cond
+        extra = {k: v.to(weight) if v.is_floating_point() else v for k, v in cond.extra.items()}
+        return x_t.to(weight), Cond(cond.embeds.to(weight), extra, cond.guidance)
 
     def _timesteps(self, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """``t`` as a ``(B,)`` float64 tensor and the matching diffusers timesteps in float32."""

@@ -43,7 +43,7 @@ def _check(cond: bool, key: str, message: str) -> None:
 @dataclass
 class TeacherConfig:
     path: str = EMBEDDED_TEACHER  # hub id or local diffusers pipeline folder
-    dtype: str = "float32"
+    dtype: str = "float32"  # the frozen teacher's storage dtype; trainable tensors are fp32 masters whatever it is
     resolution: int | None = None  # image side in pixels; default the pipeline's native size (SDXL-Turbo: 512)
 
     def validate(self, p: str) -> None:

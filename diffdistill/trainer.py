@@ -91,6 +91,7 @@ class Trainer:
         self.objective: Objective = OBJECTIVES[type(cfg.objective).name](cfg.objective, self.teacher, self.student,
                                                                          self.prompts)
         self.groups = self.objective.trainable()  # name -> {param name: param}
+        self._fp32_masters()
         if cfg.train.gradient_checkpointing:
             self._enable_checkpointing()
         self.phases = self.objective.phases()
@@ -110,6 +111,17 @@ class Trainer:
             self.schedulers[phase.name] = self._lr_scheduler(opt.optimizer, phase)
         self.ema = EMA(self.groups["student"], decay=cfg.train.ema_decay)
         self.state = RunState(skipped={p.name: 0 for p in self.phases}, consecutive={p.name: 0 for p in self.phases})
+
+    def _fp32_masters(self) -> None:
+        """Every trainable tensor is an fp32 master whatever ``teacher.dtype`` (as diffusers' training scripts
+        require): copies of a half-precision teacher (full students, fake-score copies) and adapters on it are cast
+        in place, so an AdamW step of lr 1e-5 is not rounded away. The frozen teacher keeps its dtype; the compute
+        dtype is autocast's (``train.mixed_precision``), and each network takes its inputs in its weights' dtype."""
+        with torch.no_grad():
+            for group in self.groups.values():
+                for p in group.values():
+                    if p.is_floating_point() and p.dtype != torch.float32:
+                        p.data = p.data.float()
 
     def _enable_checkpointing(self) -> None:
         """``train.gradient_checkpointing``: on every diffusers network a phase trains (the student's, and a fake

@@ -277,3 +277,23 @@ def test_gradient_checkpointing_changes_no_gradient(request, tmp_path, family, c
         off, on_ = grads[False, phase.name], grads[True, phase.name]
         assert off.keys() == on_.keys() and off
         assert all(torch.allclose(off[k], on_[k], atol=1e-6) for k in off), phase.name
+
+
+@pytest.mark.parametrize("case", ["dmd2-full", "dmd2-lora", "swiftbrush-lora"])
+def test_trainable_tensors_are_fp32_masters_beside_a_half_precision_teacher(tiny_sd, tmp_path, case, one_thread):
+    """teacher.dtype bfloat16: students, fake-score copies and adapters still train fp32 masters, so AdamW steps at
+    lr 1e-5 move weights of size ~0.05 (in bf16 they round away: bf16's spacing there is ~2e-4). Two steps: VSD's
+    first student gradient is zero (its fresh LoRA teacher is the teacher)."""
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", *GC_CASES[case], "teacher.dtype=bfloat16", "train.lr=1e-5",
+                           "train.max_steps=2", "train.lr_warmup_steps=0", "train.lr_scheduler=constant"))
+    assert all(p.dtype == torch.float32 for group in trainer.groups.values() for p in group.values())
+    frozen = [p for k, p in trainer.teacher.backbone.denoiser.named_parameters() if "lora" not in k]
+    assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)  # the teacher stays bf16
+    before = {k: p.detach().clone() for k, p in trainer.groups["student"].items()}
+    trainer.run()
+    # a fresh LoRA's A matrices get no gradient (its B is zero): count the B matrices there
+    live = [k for k in before if "lora_A" not in k]
+    moved = sum(int((trainer.groups["student"][k] != before[k]).sum()) for k in live)
+    total = sum(before[k].numel() for k in live)
+    assert moved > 0.5 * total, (moved, total)
+    assert all(p.dtype == torch.float32 for group in trainer.groups.values() for p in group.values())
