@@ -45,6 +45,7 @@ class TeacherConfig:
     path: str = EMBEDDED_TEACHER  # hub id or local diffusers pipeline folder
     dtype: str = "float32"  # the frozen teacher's storage dtype; trainable tensors are fp32 masters whatever it is
     resolution: int | None = None  # image side in pixels; default the pipeline's native size (SDXL-Turbo: 512)
+    vae: str | None = None  # a replacement VAE (hub id or folder, e.g. an fp16-fix VAE); None: the pipeline's own
 
     def validate(self, p: str) -> None:
         _check(bool(self.path), f"{p}.path", "must name a hub id or a local diffusers folder")
@@ -53,6 +54,7 @@ class TeacherConfig:
                f"{p}.resolution", f"must be a positive number of pixels or null, got {self.resolution!r}")
         _check(self.dtype in ("float32", "float16", "bfloat16"), f"{p}.dtype",
                f"must be float32, float16 or bfloat16, got {self.dtype!r}")
+        _check(self.vae is None or bool(self.vae), f"{p}.vae", "must name a hub id or a folder, or be null")
 
 
 @dataclass

@@ -267,7 +267,7 @@ def _recipe(teacher, student, config, step, ks: list[int], scheduler_config: dic
     recipe = {"format": _FORMAT, "kind": "full" if student.adapter is None else "lora",
               "timesteps": [float(t) for t in student.timesteps], "diffusers_timesteps": ks,
               "num_inference_steps": len(ks), "guidance": float(student.guidance), "gamma": float(student.gamma),
-              "base": str(teacher.source), "base_pipeline": teacher.pipeline_class,
+              "base": str(teacher.source), "vae": teacher.vae_source, "base_pipeline": teacher.pipeline_class,
               "base_signature": teacher.backbone.signature(), "resolution": teacher.image_size,
               "guidance_embedded": bool(student.backbone.embeds_guidance),
               "objective": config.objective.name if config is not None else None, "step": step,
@@ -339,7 +339,7 @@ def load_run_student(run_dir, checkpoint=None, ema: bool = True, *, device="cpu"
     config = load_config(config_file)
     tensors, meta = ckpt.load_state(folder / ckpt.STATE_FILE)
     teacher = load_teacher(config.teacher.path, dtype=DTYPES[config.teacher.dtype], device=device,
-                           resolution=config.teacher.resolution)
+                           resolution=config.teacher.resolution, vae=config.teacher.vae)
     student = build_student(teacher, config.student)
     prefix = "ema" if ema else "param.student"
     params = student.named_parameters_to_train()
@@ -408,7 +408,8 @@ def load_student(folder, base=None, *, device="cpu"):
     folder = Path(folder)
     recipe = read_recipe(folder)
     if recipe["kind"] == "lora":
-        teacher = load_teacher(base or recipe["base"], device=device, resolution=recipe.get("resolution"))
+        teacher = load_teacher(base or recipe["base"], device=device, resolution=recipe.get("resolution"),
+                               vae=recipe.get("vae") if base is None else None)
         if "base_signature" in recipe:  # older exports lack it; load_lora's shape check still applies
             _check_fits(teacher.backbone, recipe["base_signature"], "base", "LoRA's training base",
                         f"LoRA {folder} (trained on a {recipe.get('base_pipeline')}) cannot load onto {teacher.source}")

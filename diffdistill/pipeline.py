@@ -55,6 +55,7 @@ class Teacher:
     text_encoder_3: torch.nn.Module | None = None
     pipeline_config: dict = field(default_factory=dict)  # model_index.json's settings, e.g. force_zeros_for_empty_prompt
     resolution: int | None = None                # image side in pixels; None: the denoiser's native size
+    vae_source: str | None = None                # a replacement VAE (teacher.vae), None: the pipeline's own
     _empty: dict = field(default_factory=dict, repr=False)
     _prompts: OrderedDict = field(default_factory=OrderedDict, repr=False)  # (prompt, resolution) -> Cond of batch 1
     PROMPT_CACHE_BYTES: ClassVar[int] = 64 * 2**20  # embeddings kept by encode_prompt, least recently used dropped
@@ -145,8 +146,9 @@ class Teacher:
 
     def to(self, device=None, dtype=None) -> Teacher:
         for module in (self.backbone, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae):
-            if module is not None:
-                module.to(device=device, dtype=dtype)
+            if module is not None:  # a force_upcast VAE stays float32 beside a float16 teacher (load_teacher)
+                upcast = module is self.vae and dtype == torch.float16 and getattr(module.config, "force_upcast", False)
+                module.to(device=device, dtype=None if upcast else dtype)
         self._empty.clear()
         self._prompts.clear()
         return self
@@ -538,13 +540,32 @@ def _text_components(family: Family, index: dict, path: str, load) -> tuple[dict
     return encoders, tokenizers
 
 
+def _replacement_vae(path: str, vae: str, dtype: torch.dtype):
+    """``teacher.vae``: an AutoencoderKL from a hub id or local folder (its own, or a pipeline's ``vae/``) in place
+    of the pipeline's, e.g. an fp16-fix VAE; its latent channels must be the pipeline VAE's."""
+    from diffusers import AutoencoderKL
+
+    sub = "vae" if (Path(vae) / "vae" / "config.json").is_file() else None
+    try:
+        model = AutoencoderKL.from_pretrained(vae, subfolder=sub, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise TeacherLoadError(f"teacher.vae {vae!r} could not be loaded as an AutoencoderKL: {err}") from err
+    own = AutoencoderKL.load_config(path, subfolder="vae")["latent_channels"]
+    if model.config.latent_channels != own:
+        raise TeacherLoadError(f"teacher.vae {vae!r} has {model.config.latent_channels} latent channels; the "
+                               f"teacher's own VAE has {own}")
+    return model
+
+
 def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 resolution: int | None = None) -> Teacher:
+                 resolution: int | None = None, vae: str | None = None) -> Teacher:
     """Load a diffusers text-to-image pipeline (hub id or local folder) as a frozen :class:`Teacher`.
 
     ``resolution``: the image side to generate and train at, in pixels (default: the pipeline's native size,
-    e.g. 512 for SD1.5, 1024 for SDXL and FLUX). Weights load as safetensors only. Every module is put in eval
-    mode with ``requires_grad=False``.
+    e.g. 512 for SD1.5, 1024 for SDXL and FLUX). ``vae``: a replacement VAE (hub id or folder). A VAE whose config
+    sets ``force_upcast`` (SDXL's, which overflows in fp16) is kept in float32 when ``dtype`` is float16, as
+    diffusers' pipelines upcast it. Weights load as safetensors only. Every module is put in eval mode with
+    ``requires_grad=False``.
     """
     import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler
@@ -563,19 +584,22 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | to
 
     scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
     denoiser = load(getattr(diffusers, family.denoiser[0]), family.denoiser[1])
-    vae = load(AutoencoderKL, "vae")
+    vae_model = load(AutoencoderKL, "vae") if vae is None else _replacement_vae(path, vae, dtype)
+    if dtype == torch.float16 and getattr(vae_model.config, "force_upcast", False):
+        vae_model = vae_model.float()
     encoders, tokenizers = _text_components(family, index, path, load)
-    for module in (denoiser, vae, *encoders.values()):
+    for module in (denoiser, vae_model, *encoders.values()):
         if module is not None:
             module.requires_grad_(False).eval().to(device)
     settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
     # the schedule is set below: a dynamically shifting flow scheduler's shift depends on the latent size
     backbone = DiffusionBackbone(denoiser, FlowSchedule(), "flow")
     teacher = Teacher(backbone=backbone, tokenizer=tokenizers["text_encoder"],
-                      text_encoder=encoders["text_encoder"], vae=vae, scheduler_config=scheduler_config, source=path,
+                      text_encoder=encoders["text_encoder"], vae=vae_model, scheduler_config=scheduler_config, source=path,
                       pipeline_class=cls, tokenizer_2=tokenizers.get("text_encoder_2"),
                       text_encoder_2=encoders.get("text_encoder_2"), tokenizer_3=tokenizers.get("text_encoder_3"),
-                      text_encoder_3=encoders.get("text_encoder_3"), pipeline_config=settings, resolution=resolution)
+                      text_encoder_3=encoders.get("text_encoder_3"), pipeline_config=settings, resolution=resolution,
+                      vae_source=vae)
     family.check_resolution(teacher)
     tokens = (teacher.latent_shape[-1] // backbone.token_stride) ** 2
     backbone.schedule, backbone.pred_type = schedule_and_prediction(scheduler_config, tokens)

@@ -82,7 +82,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.prompts = load_prompts(cfg.data.prompts, cfg.data.caption_column)  # fails before any model loads
         self.teacher = load_teacher(cfg.teacher.path, dtype=DTYPES[cfg.teacher.dtype], device=self.acc.device,
-                                    resolution=cfg.teacher.resolution)
+                                    resolution=cfg.teacher.resolution, vae=cfg.teacher.vae)
         self.images = load_images(cfg.data.images, self.teacher.image_size, cfg.data.caption_column)
         self.student = build_student(self.teacher, cfg.student)
         # attention.backend: teacher and student now; the fake score and EMA targets, copied from them, inherit it

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,49 @@ def test_unsupported_pipeline_is_named(tiny_sd, tmp_path):
     path = _copy_with(tiny_sd, tmp_path, "model_index.json", _class_name="KandinskyPipeline")
     with pytest.raises(TeacherLoadError, match="is a KandinskyPipeline"):
         load_teacher(path)
+
+
+def test_teacher_vae_replaces_the_pipelines_and_force_upcast_keeps_fp32(tiny_sd, tiny_sdxl, tiny_sd3, tmp_path):
+    """teacher.vae: a VAE folder of its own, or a pipeline folder's vae/, in place of the teacher's (same latent
+    channels, else refused); a force_upcast VAE (SDXL's) stays float32 beside a float16 teacher, as diffusers'
+    pipelines upcast it."""
+    from diffusers import AutoencoderKL
+
+    from diffdistill.pipeline import TeacherLoadError, load_teacher
+
+    torch.manual_seed(5)
+    other = AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sd, subfolder="vae"))  # fresh random weights
+    other.save_pretrained(tmp_path / "vae")
+    teacher = load_teacher(tiny_sd, vae=str(tmp_path / "vae"))
+    assert teacher.vae_source == str(tmp_path / "vae")
+    assert all(torch.equal(a, b) for a, b in zip(teacher.vae.state_dict().values(), other.state_dict().values()))
+    sdxl_vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+    from_pipeline = load_teacher(tiny_sd, vae=tiny_sdxl)
+    assert all(torch.equal(a, b) for a, b in zip(from_pipeline.vae.state_dict().values(), sdxl_vae.state_dict().values()))
+    with pytest.raises(TeacherLoadError, match="latent channels"):
+        load_teacher(tiny_sd, vae=tiny_sd3)  # SD3's 16-channel VAE
+    with pytest.raises(TeacherLoadError, match="teacher.vae"):
+        load_teacher(tiny_sd, vae=str(tmp_path / "no-such-vae"))
+    half = load_teacher(tiny_sdxl, dtype=torch.float16)
+    assert half.dtype == torch.float16 and half.vae.dtype == torch.float32
+    assert half.to(dtype=torch.float16).vae.dtype == torch.float32
+    assert load_teacher(tiny_sdxl, dtype=torch.bfloat16).vae.dtype == torch.bfloat16  # bf16 does not overflow
+
+
+def test_teacher_vae_reaches_the_run_and_its_export(tiny_sd, tmp_path, one_thread):
+    from diffusers import AutoencoderKL
+
+    from diffdistill.config import load_config
+    from diffdistill.export import export_student, read_recipe
+    from diffdistill.trainer import Trainer
+
+    torch.manual_seed(6)
+    AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sd, subfolder="vae")).save_pretrained(tmp_path / "vae")
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "regression.yaml"
+    trainer = Trainer(load_config(tiny, [f"teacher.path={tiny_sd}", f"teacher.vae={tmp_path / 'vae'}",
+                                         f"train.output_dir={tmp_path / 'run'}"]))
+    assert trainer.teacher.vae_source == str(tmp_path / "vae")
+    out = export_student(trainer.teacher, trainer.student, tmp_path / "export", config=trainer.cfg)
+    assert read_recipe(out)["vae"] == str(tmp_path / "vae")
+    exported = AutoencoderKL.from_pretrained(out, subfolder="vae")  # the full export ships the VAE it trained with
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), trainer.teacher.vae.state_dict().values()))
