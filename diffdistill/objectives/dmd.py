@@ -16,7 +16,8 @@ Phases (the trainer runs them in this order; DMD2's two-time-scale rule is ``stu
   ``gan_weight`` x the non-saturating generator loss on the head's logits for ``x`` (DMD2 eq. 5), plus
   ``regression_weight`` x the regression loss on teacher ODE pairs (DMD eq. 9; DMD2 drops it).
 * ``fake_score`` (every step): denoising score matching of the fake score on ``sg(G(z))`` at
-  ``t ~ U(0, 1]``, epsilon loss (DMD eq. 6, as the authors' code); plus ``disc_weight`` x the
+  ``t ~ U(0, 1]``, epsilon loss (DMD eq. 6, as the authors' code; on flow teachers the velocity loss, see
+  ``ScoreDistillation.denoising_space``); plus ``disc_weight`` x the
   discriminator loss of the head on real images vs ``sg(G(z))`` (DMD2 eq. 5), both noised at
   ``t ~ U[0, gan_max_t)`` (DMD2's "diffusion GAN" option, on in its SD configs).
 
@@ -237,7 +238,7 @@ class DMD2(ScoreDistillation):
         t = batch.rand().double().clamp_min(1.0 / sched.num_train_timesteps).to(x.device)  # U(0, 1], as randint(0, N)
         eps = batch.randn(*x.shape[1:]).to(x)
         x_t = sched.add_noise(x, eps, t)
-        denoise = fn.denoising_loss(self.fake_at(k)(x_t, t, cond, out="eps"), eps)
+        denoise = self.fake_denoising(self.fake_at(k), x, x_t, t, eps, cond)
         total, terms = denoise, {"fake_denoising": denoise.detach()}
         if self.gan and self.cfg.disc_weight > 0:
             with torch.no_grad():

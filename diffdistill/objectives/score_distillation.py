@@ -19,7 +19,9 @@ from .. import lora
 from ..backbone import DiffusionBackbone
 from ..config import _check
 from ..sampling import next_student_input
+from ..schedule import FlowSchedule, from_x0_eps
 from ..student import Student
+from . import functional as fn
 from .base import Batch, Objective, ObjectiveConfig, noised
 
 FAKE_ADAPTER = "fake_score"
@@ -98,6 +100,23 @@ class ScoreDistillation(Objective):
                 x = next_student_input(sched, x0, eps, ts, i, gamma, lambda like: batch.randn(*like.shape[1:]).to(like))
         with torch.set_grad_enabled(grad):
             return self.student(x, ts[k], cond, out="x0"), k
+
+    @property
+    def denoising_space(self) -> str:
+        """Where the fake score's denoising loss lives: ``eps`` on VP teachers (DMD eq. 6, as DMD2's and
+        SwiftBrush's code), ``flow`` (velocity ``eps - x0``) on flow teachers, their native prediction. With
+        ``x_t = (1 - t) x0 + t eps`` an epsilon error is ``(1 - t)`` times the velocity error, so an epsilon loss
+        on a flow model weights it by ``(1 - t)^2`` and the fake score barely learns at the high noise levels the
+        DM term draws; DP-DMD's flow reference trains velocity (ours for the other objectives on flow teachers)."""
+        return "flow" if isinstance(self.teacher.backbone.schedule, FlowSchedule) else "eps"
+
+    def fake_denoising(self, fake: Student, x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                       cond, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``fake``'s denoising loss at ``x_t``, the sample ``x`` noised with ``eps`` at ``t``, in
+        :attr:`denoising_space` (per-sample ``weight`` as :func:`functional.denoising_loss`)."""
+        space = self.denoising_space
+        target = eps if space == "eps" else from_x0_eps(x, eps, t, "flow", self.teacher.backbone.schedule)
+        return fn.denoising_loss(fake(x_t, t, cond, out=space), target, weight)
 
     def noised(self, batch: Batch, x: torch.Tensor, lo: float, hi: float):
         """``(x_t, t, eps)``: ``x`` noised by the teacher's schedule at ``t ~ U[lo, hi)`` per sample."""

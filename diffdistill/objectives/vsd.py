@@ -17,7 +17,8 @@ student update):
   convention, as SwiftBrush's code does (``fake_cfg: false``: the LoRA teacher unguided, as
   ProlificDreamer's), through the surrogate ``0.5 mean((x - sg(x - grad))^2)``.
 * ``fake_score``: denoising score matching of the LoRA teacher on ``sg(G(z))`` at ``t ~ U(0, 1]``,
-  epsilon loss weighted by ``alpha_bar_t`` (the code's ``mse(sqrt(a) eps_hat, sqrt(a) eps)``), captions
+  epsilon loss weighted by ``alpha_bar_t`` (the code's ``mse(sqrt(a) eps_hat, sqrt(a) eps)``; on flow teachers an
+  unweighted velocity loss, ours: ``ScoreDistillation.denoising_space``), captions
   dropped with probability ``fake_empty_prompt_prob`` (0.1) so that it has an unconditional branch.
 
 ``swiftbrush`` defaults are the SwiftBrush README's SD2.1-base run: CFG 4.5; LoRA rank 64, alpha 108 on
@@ -134,8 +135,9 @@ class VSD(ScoreDistillation):
         eps = batch.randn(*x.shape[1:]).to(x)
         x_t = sched.add_noise(x, eps, t)
         cond = t_.encode_prompt(batch.drop_captions(batch.prompts, self.cfg.fake_empty_prompt_prob))
-        alpha_bar = sched.alpha(t).double() ** 2
-        denoise = fn.denoising_loss(self.fake(x_t, t, cond, out="eps"), eps, weight=alpha_bar)
+        # SwiftBrush weights its epsilon loss by alpha_bar_t; on flow teachers the velocity loss is unweighted (ours)
+        weight = sched.alpha(t).double() ** 2 if self.denoising_space == "eps" else None
+        denoise = self.fake_denoising(self.fake, x, x_t, t, eps, cond, weight)
         return LossOut(denoise, {"fake_denoising": denoise.detach()}, images=x)
 
 
