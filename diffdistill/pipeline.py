@@ -115,6 +115,17 @@ class Teacher:
             size -= self._prompts.popitem(last=False)[1].nbytes
         return out
 
+    def encode_captions(self, captions: Sequence[str]) -> Cond:
+        """Training captions, some dropped to "" to train an unconditional branch: a dropped one is encoded as the
+        CFG branch it stands for at sampling (:meth:`empty_cond`: zeros under SDXL's
+        ``force_zeros_for_empty_prompt``, where ``encode_prompt("")`` is not zeros), the others as
+        :meth:`encode_prompt`."""
+        cond = self.encode_prompt(list(captions))
+        if "" not in captions:
+            return cond
+        empty = self.empty_cond(1)
+        return Cond.cat([empty if c == "" else cond.select(i) for i, c in enumerate(captions)])
+
     def empty_cond(self, batch_size: int = 1) -> Cond:
         """The unconditional branch of CFG when no negative prompt is given, as the pipeline builds it (the
         empty prompt's embedding; zeros for SDXL's ``force_zeros_for_empty_prompt``); cached."""

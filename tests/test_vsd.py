@@ -149,3 +149,33 @@ def test_vsd_configs_are_checked(tiny_sd, tmp_path):
     assert (o.guidance_min, o.guidance_max, o.fake_lora_rank, o.fake_lora_alpha, o.fake_lr) == (0.5, 4.0, 64, 128.0, 1e-3)
     o = load_config(TINY, ["objective={name: swiftbrush}"]).objective
     assert (o.guidance_min, o.guidance_max, o.fake_lora_alpha, o.fake_score) == (4.5, 4.5, 108.0, "lora")
+
+
+def test_the_lora_teacher_learns_the_unconditional_branch_it_is_queried_with(tiny_sdxl, tmp_path, monkeypatch,
+                                                                              one_thread):
+    """SDXL's force_zeros_for_empty_prompt: CFG's unconditional branch is zeros, not encode(""). A caption dropped
+    for the LoRA teacher's training must be that same branch (Teacher.encode_captions)."""
+    from diffdistill.student import Student
+
+    trainer = Trainer(_cfg(tiny_sdxl, tmp_path / "r", "objective={name: swiftbrush, fake_lora_rank: 4, "
+                                                      "fake_empty_prompt_prob: 0.5}"))
+    teacher, obj = trainer.teacher, trainer.objective
+    assert teacher.encode_prompt([""]).embeds.abs().sum() > 0 and not teacher.empty_cond(1).embeds.any()
+    seen, forward = [], Student.forward
+
+    def spy(self, x_t, t, cond, out="x0"):
+        if self is obj.fake and torch.is_grad_enabled():
+            seen.append(cond)
+        return forward(self, x_t, t, cond, out)
+
+    monkeypatch.setattr(Student, "forward", spy)
+    batch = micro_batch(trainer.prompts, 16, 0, 0)
+    trainer.phase_loss("fake_score", batch)
+    replay = micro_batch(trainer.prompts, 16, 0, 0)
+    replay.randn(*teacher.latent_shape)  # the student's noise, then t and eps: the draws before the captions'
+    replay.rand(), replay.randn(*teacher.latent_shape)
+    dropped = [c == "" for c in replay.drop_captions(replay.prompts, 0.5)]
+    (cond,) = seen
+    assert 0 < sum(dropped) < 16
+    for i, d in enumerate(dropped):
+        assert torch.equal(cond.select(i).embeds, teacher.empty_cond(1).embeds) == d, i

@@ -213,7 +213,7 @@ class ConsistencyDistillation(Objective):
         t = self.teacher
         with torch.no_grad():
             x0 = t.encode_images(batch.images, sample=False).to(t.dtype)  # (B, C, H, W) real latents
-            cond = t.encode_prompt(self.captions(batch))
+            cond = t.encode_captions(self.captions(batch))
         t_n, t_m, t_end = (s.to(x0.device) for s in self.times(batch))
         eps = batch.randn(*x0.shape[1:]).to(x0)
         x_n = t.backbone.schedule.add_noise(x0, eps, t_n)
