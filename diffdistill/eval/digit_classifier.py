@@ -13,7 +13,6 @@ Input images: ``(B, 3, H, W)`` in ``[-1, 1]`` (the channels are averaged to grey
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -70,13 +69,9 @@ class DigitClassifier:
                                      "trainers/train_digit_classifier.py"), device)
 
     def save(self, path: str | Path, config: dict = MODEL_CONFIG, metadata: dict | None = None) -> None:
-        from safetensors.torch import save_file
+        from .evaluator import save_model_folder
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_FILE), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_model_folder(path, CONFIG_FILE, WEIGHTS_FILE, config, self.model, metadata)
 
     @staticmethod
     def prepare(images: torch.Tensor) -> torch.Tensor:

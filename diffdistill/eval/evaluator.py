@@ -65,6 +65,20 @@ def load_model_folder(path: str | Path, config_file: str, weights_file: str, bui
     return model
 
 
+def save_model_folder(path: str | Path, config_file: str, weights_file: str, config: dict, model, metadata=None,
+                      half: bool = False) -> None:
+    """The inverse of :func:`load_model_folder`: ``config`` as JSON, ``model``'s weights as safetensors (floating
+    tensors in fp16 when ``half``), ``metadata`` as the file's string metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / config_file).write_text(json.dumps(config, indent=1))
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(path / weights_file), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
 class DigitsEvaluator:
     """Loaded evaluator: ``image_features``, ``text_features``, ``classify``."""
 
@@ -83,15 +97,8 @@ class DigitsEvaluator:
                                      "trainers/train_evaluator.py"), device)
 
     def save(self, path: str | Path, config: dict = MODEL_CONFIG, metadata: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         # fp16 on disk (half the size; the features are computed in fp32 after loading)
-        state = {k: v.detach().half().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
-                 for k, v in self.model.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_FILE), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_model_folder(path, CONFIG_FILE, WEIGHTS_FILE, config, self.model, metadata, half=True)
 
     @staticmethod
     def prepare(images: torch.Tensor) -> torch.Tensor:
