@@ -2,7 +2,8 @@
 
 The contract (per objective x student kind x teacher family): each phase's loss is finite and has exactly its
 named terms, the total is the documented weighted sum of those terms, gradients reach that phase's modules and
-no others, a short run never changes the teacher's weights, and a checkpoint restores every trained tensor. A
+no others, a short run never changes the teacher's weights, and (on SD1.5, for both student kinds: checkpoints
+hold the same groups on every family) a checkpoint restores every trained tensor. A
 new objective gets it by being registered and given a row in ``CASES`` / ``TERMS`` / ``TOTALS``.
 
 Direction of learning: for every objective and phase, a situation whose right answer is known, checked by value
@@ -161,6 +162,8 @@ def test_objective_contract(request, tmp_path, name, family, kind, one_thread):
     assert all(torch.equal(after[k], v) for k, v in teacher_before.items())  # the teacher never moves
     assert any(not torch.equal(p, student_before[k]) for k, p in groups["student"].items()), "the student did not train"
     assert read_recipe(tmp_path / "run" / "final")["base_pipeline"] == trainer.teacher.pipeline_class
+    if family != "tiny_sd":  # checkpoints hold the same groups whatever the family: one family keeps make test short
+        return
     # the checkpoint restores every trained tensor and the objective's own state (e.g. an EMA target)
     resumed = _trainer(request.getfixturevalue(family), tmp_path / "run", name, kind, family=family)
     resumed.run()
