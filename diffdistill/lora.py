@@ -74,19 +74,40 @@ def set_active(model: nn.Module, name: str | None) -> None:
     """Run adapter ``name`` from now on (``None``: all adapters off, the base model). Gradient-safe."""
     if name is not None and name not in adapter_names(model):
         raise KeyError(f"no adapter {name!r}; this model has {adapter_names(model)}")
-    for layer in _tuner_layers(model):
+    _set_layers(_tuner_layers(model), name)
+
+
+def current(model: nn.Module) -> str | None:
+    """The adapter that runs now (``None``: adapters off or none attached)."""
+    return _layers_current(_tuner_layers(model))
+
+
+def _set_layers(layers, name: str | None) -> None:
+    for layer in layers:
         layer._disable_adapters = name is None
         if name is not None:
             layer._active_adapter = [name]
 
 
-def current(model: nn.Module) -> str | None:
-    """The adapter that runs now (``None``: adapters off or none attached)."""
-    layers = _tuner_layers(model)
+def _layers_current(layers) -> str | None:
     if not layers or layers[0].disable_adapters:
         return None
     active = layers[0].active_adapter
     return active[0] if isinstance(active, (list, tuple)) else active
+
+
+@contextlib.contextmanager
+def _layers_running(layers, name: str | None):
+    """``layers`` run adapter ``name`` inside (nothing is touched when they already do); restored after."""
+    previous = _layers_current(layers)
+    if previous == name:
+        yield
+        return
+    _set_layers(layers, name)
+    try:
+        yield
+    finally:
+        _set_layers(layers, previous)
 
 
 @contextlib.contextmanager
@@ -111,14 +132,16 @@ def enable_checkpointing(model: nn.Module) -> None:
     by forwards under other adapters (the fake score's, the teacher's with adapters off), and the re-run then
     saves other tensors (autograd's ``CheckpointError``) or, worse, computes another network's gradient.
     Here the re-run runs under the adapter that was active in the forward (non-reentrant checkpointing's
-    ``context_fn``). Networks without adapters behave exactly as with diffusers' default."""
+    ``context_fn``), read from and set on the block's own adapter layers only (no walk of the whole network per
+    block). Networks without adapters behave exactly as with diffusers' default."""
     import torch.utils.checkpoint
 
     def checkpointed(block, *args):
-        in_forward = current(model)
+        layers = _tuner_layers(block)  # the block's own adapter layers: what its re-run reads
+        in_forward = _layers_current(layers)
         return torch.utils.checkpoint.checkpoint(
             block.__call__, *args, use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), active_adapter(model, in_forward)))
+            context_fn=lambda: (contextlib.nullcontext(), _layers_running(layers, in_forward)))
 
     model.enable_gradient_checkpointing(checkpointed)
 
