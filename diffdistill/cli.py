@@ -73,6 +73,24 @@ def _train(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from .config import ConfigError, load_config
+    from .pipeline import TeacherLoadError
+    from .plan import format_plan, plan
+
+    if args.gpus < 1 or (args.gpu_memory is not None and args.gpu_memory <= 0):
+        print("diffdistill plan: --gpus must be at least 1 and --gpu-memory positive", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config, args.overrides)
+        result = plan(config, gpus=args.gpus, gpu_memory_gb=args.gpu_memory)
+    except (ConfigError, TeacherLoadError, FileNotFoundError) as err:
+        print(f"diffdistill plan: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(result))
+    return 0
+
+
 def _export(args) -> int:
     from .export import ExportError, export_run, read_recipe
 
@@ -143,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="a YAML config (configs/<method>/<backbone>.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("plan", help="a run's memory per network and per process, at real architecture, without "
+                       "downloading weights")
+    p.add_argument("config", help="a YAML config (configs/<method>/<backbone>.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. student.kind=lora")
+    p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) the run is launched on")
+    p.add_argument("--gpu-memory", type=float, default=None, help="memory of one GPU in GB, to compare against")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("export", help="write a run's student (EMA weights) as a diffusers folder or LoRA")
     p.add_argument("run_dir", help="a training run folder (train.output_dir)")

@@ -534,8 +534,9 @@ def _present(index: dict, name: str) -> bool:
     return isinstance(entry, list) and entry[0] is not None
 
 
-def _text_components(family: Family, index: dict, path: str, load) -> tuple[dict, dict]:
-    """``(text encoders, tokenizers)`` by text encoder name; an optional one the folder lacks is None."""
+def _text_components(family: Family, index: dict, path: str, load, weights: bool = True) -> tuple[dict, dict]:
+    """``(text encoders, tokenizers)`` by text encoder name; an optional one the folder lacks is None. Without
+    ``weights``, the tokenizers are :class:`ShapeTokenizer` stand-ins."""
     import transformers
 
     encoders, tokenizers = {}, {}
@@ -546,9 +547,65 @@ def _text_components(family: Family, index: dict, path: str, load) -> tuple[dict
             encoders[name] = tokenizers[name] = None
             continue
         encoders[name] = load(getattr(transformers, klass), name)
+        if not weights:
+            tokenizers[name] = ShapeTokenizer()
+            continue
         tokenizer_class = getattr(transformers, family.tokenizers.get(name, "CLIPTokenizer"))
         tokenizers[name] = tokenizer_class.from_pretrained(path, subfolder=name.replace("text_encoder", "tokenizer"))
     return encoders, tokenizers
+
+
+# -- real architectures without weights (diffdistill plan) ---------------------------------------------
+class ShapeTokenizer:
+    """Stands in for a tokenizer where only shapes matter (a teacher on the meta device): every prompt becomes
+    ``max_length`` (default CLIP's 77) token ids of 0, with a full attention mask."""
+
+    model_max_length = 77
+
+    def __call__(self, prompts, max_length=None, return_tensors="pt", **_):
+        from types import SimpleNamespace
+
+        n = 1 if isinstance(prompts, str) else len(prompts)
+        ids = torch.zeros(n, max_length or self.model_max_length, dtype=torch.long)
+        return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def config_folder(path: str) -> str:
+    """Where the JSON configs of ``path`` are: a local pipeline folder itself, else the architecture configs
+    shipped for that hub id (:func:`diffdistill.architectures.folder`)."""
+    if _is_local(path):
+        return path
+    from .architectures import folder
+
+    found = folder(path)
+    if found is None:
+        from .architectures import KNOWN
+
+        raise TeacherLoadError(f"{path!r}: no architecture configs are shipped for this hub id (known: "
+                               f"{', '.join(KNOWN)}); give a local pipeline folder, whose JSON configs are read")
+    return str(found)
+
+
+def _meta_module(klass, folder: str, subfolder: str, dtype: torch.dtype) -> torch.nn.Module:
+    """``klass`` (a diffusers model or a transformers model) at the architecture of ``folder/subfolder``'s
+    config.json, with every parameter and buffer on the meta device in ``dtype``."""
+    config_path = Path(folder) / subfolder / "config.json"
+    if not config_path.is_file():
+        raise TeacherLoadError(f"{folder!r} has no {subfolder}/config.json")
+    config = json.loads(config_path.read_text())
+    from diffusers.utils import logging as diffusers_logging
+
+    with torch.device("meta"):
+        if hasattr(klass, "from_config"):  # diffusers
+            model = klass.from_config(config)
+        else:  # transformers
+            model = klass(klass.config_class.from_dict(config))
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its advice to cast at load time is for weights; there are none
+    try:
+        return model.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _replacement_vae(path: str, vae: str, dtype: torch.dtype):
@@ -569,7 +626,7 @@ def _replacement_vae(path: str, vae: str, dtype: torch.dtype):
 
 
 def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 resolution: int | None = None, vae: str | None = None) -> Teacher:
+                 resolution: int | None = None, vae: str | None = None, weights: bool = True) -> Teacher:
     """Load a diffusers text-to-image pipeline (hub id or local folder) as a frozen :class:`Teacher`.
 
     ``resolution``: the image side to generate and train at, in pixels (default: the pipeline's native size,
@@ -577,6 +634,11 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | to
     sets ``force_upcast`` (SDXL's, which overflows in fp16) is kept in float32 when ``dtype`` is float16, as
     diffusers' pipelines upcast it. Weights load as safetensors only. Every module is put in eval mode with
     ``requires_grad=False``.
+
+    ``weights=False``: the real architecture without weights, every module on the meta device (``device`` is
+    ignored), built from the pipeline's JSON configs -- a local folder's, or for a hub id the copy that
+    :mod:`diffdistill.architectures` ships (no download). Tokenizers are :class:`ShapeTokenizer` stand-ins, so
+    prompts encode to embeddings of the right shapes and no values. For planning memory (``diffdistill plan``).
     """
     import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler
@@ -584,21 +646,28 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32, device: str | to
     path = str(path)
     if resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool)):
         raise TypeError(f"resolution is a whole number of pixels, got {resolution!r}")
-    index = read_model_index(path)
+    source = path if weights else config_folder(path)
+    index = read_model_index(source)
     cls = index.get("_class_name")
     if cls not in FAMILIES:
         raise TeacherLoadError(f"{path!r} is a {cls}; supported pipelines: {SUPPORTED_PIPELINES}")
     family = FAMILIES[cls]
 
     def load(klass, subfolder):
+        if not weights:
+            return _meta_module(klass, source, subfolder, dtype)
         return klass.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True)
 
-    scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
+    scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler"))
     denoiser = load(getattr(diffusers, family.denoiser[0]), family.denoiser[1])
-    vae_model = load(AutoencoderKL, "vae") if vae is None else _replacement_vae(path, vae, dtype)
+    if vae is None or not weights:  # planning: a replacement VAE has the pipeline VAE's latent channels (checked
+        vae_model = load(AutoencoderKL, "vae")  # at load) and is taken to have its size
+    else:
+        vae_model = _replacement_vae(path, vae, dtype)
     if dtype == torch.float16 and getattr(vae_model.config, "force_upcast", False):
         vae_model = vae_model.float()
-    encoders, tokenizers = _text_components(family, index, path, load)
+    encoders, tokenizers = _text_components(family, index, source, load, weights)
+    device = "meta" if not weights else device
     for module in (denoiser, vae_model, *encoders.values()):
         if module is not None:
             module.requires_grad_(False).eval().to(device)

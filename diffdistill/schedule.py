@@ -149,7 +149,7 @@ class VPSchedule(Schedule):
 
     def _log_alpha_bar(self, t) -> torch.Tensor:
         t = _as_time(t)
-        if torch.any((t < 0) | (t > 1)):
+        if not t.is_meta and torch.any((t < 0) | (t > 1)):  # meta: shapes only (diffdistill plan)
             raise ValueError(f"VPSchedule: t must lie in [0, 1], got min {t.min().item()}, max {t.max().item()}")
         pos = _snap(t * self.num_train_timesteps)  # position in _log_ab
         table = self._log_ab.to(pos.device)
@@ -268,7 +268,7 @@ def _snap(pos: torch.Tensor) -> torch.Tensor:
 
 
 def _check_unit(t: torch.Tensor) -> torch.Tensor:
-    if torch.any((t < 0) | (t > 1)):
+    if not t.is_meta and torch.any((t < 0) | (t > 1)):  # meta: shapes only
         raise ValueError(f"FlowSchedule: t must lie in [0, 1], got min {t.min().item()}, max {t.max().item()}")
     return t
 

@@ -36,7 +36,7 @@ from .batch import Batch, micro_batch
 from .config import Config, dump_config
 from .ema import EMA
 from .images import save_grid
-from .objectives import OBJECTIVES, LossOut, Objective
+from .objectives import LossOut, Objective
 from .sources import load_images, load_prompts
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -74,9 +74,8 @@ class Trainer:
 
     # -- construction ---------------------------------------------------------------------------
     def _build(self) -> None:
-        from .kernels import use_attention
+        from .assembly import assemble
         from .pipeline import load_teacher
-        from .student import build_student
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
@@ -84,21 +83,8 @@ class Trainer:
         self.teacher = load_teacher(cfg.teacher.path, dtype=DTYPES[cfg.teacher.dtype], device=self.acc.device,
                                     resolution=cfg.teacher.resolution, vae=cfg.teacher.vae)
         self.images = load_images(cfg.data.images, self.teacher.image_size, cfg.data.caption_column)
-        self.student = build_student(self.teacher, cfg.student)
-        # attention.backend: teacher and student now; the fake score and EMA targets, copied from them, inherit it
-        for net in (self.teacher.backbone.denoiser, self.student.backbone.denoiser):
-            use_attention(net, cfg.attention.backend, cfg.attention.density)
-        self.objective: Objective = OBJECTIVES[type(cfg.objective).name](cfg.objective, self.teacher, self.student,
-                                                                         self.prompts)
-        self.groups = self.objective.trainable()  # name -> {param name: param}
-        self._fp32_masters()
-        if cfg.train.gradient_checkpointing:
-            self._enable_checkpointing()
-        self.phases = self.objective.phases()
-        for phase in self.phases:
-            unknown = [m for m in phase.modules if m not in self.groups]
-            if unknown:
-                raise ValueError(f"phase {phase.name!r} trains unknown modules {unknown}; known: {list(self.groups)}")
+        run = assemble(cfg, self.teacher, self.prompts)
+        self.student, self.objective, self.groups, self.phases = run.student, run.objective, run.groups, run.phases
         self.model = self._distribute(self.objective)
         self.optimizers, self.schedulers = {}, {}
         for phase in self.phases:
@@ -111,29 +97,6 @@ class Trainer:
             self.schedulers[phase.name] = self._lr_scheduler(opt.optimizer, phase)
         self.ema = EMA(self.groups["student"], decay=cfg.train.ema_decay)
         self.state = RunState(skipped={p.name: 0 for p in self.phases}, consecutive={p.name: 0 for p in self.phases})
-
-    def _fp32_masters(self) -> None:
-        """Every trainable tensor is an fp32 master whatever ``teacher.dtype`` (as diffusers' training scripts
-        require): copies of a half-precision teacher (full students, fake-score copies) and adapters on it are cast
-        in place, so an AdamW step of lr 1e-5 is not rounded away. The frozen teacher keeps its dtype; the compute
-        dtype is autocast's (``train.mixed_precision``), and each network takes its inputs in its weights' dtype."""
-        with torch.no_grad():
-            for group in self.groups.values():
-                for p in group.values():
-                    if p.is_floating_point() and p.dtype != torch.float32:
-                        p.data = p.data.float()
-
-    def _enable_checkpointing(self) -> None:
-        """``train.gradient_checkpointing``: on every diffusers network a phase trains (the student's, and a fake
-        score's own copy), adapter-safe (:func:`lora.enable_checkpointing`). After the objective is built, so that
-        networks copied from the student's do not share its checkpointing closure."""
-        from . import lora
-
-        trained = {id(p) for group in self.groups.values() for p in group.values()}
-        for module in self.objective.modules():  # parents first: a network's own blocks are then already on
-            if getattr(module, "_supports_gradient_checkpointing", False) and not module.is_gradient_checkpointing \
-                    and any(id(p) in trained for p in module.parameters()):
-                lora.enable_checkpointing(module)
 
     def _distribute(self, objective: Objective) -> torch.nn.Module:
         """The module whose forward computes a phase's loss: the objective itself on one process, its DDP

@@ -136,7 +136,7 @@ class LADD(Objective):
             noise = (cfg.disc_noise, cfg.disc_t_mean, cfg.disc_t_std) if cfg.disc_noise == "logit_normal" else ("uniform", 0.0, 1.0)
             network = DenoiserFeatures(teacher.backbone, None, cfg.disc_levels, noise)
         else:
-            network = PixelFeatures(teacher, load_pixel_network(cfg.disc_network).to(teacher.device), cfg.disc_levels)
+            network = PixelFeatures(teacher, load_pixel_network(cfg.disc_network, teacher.device), cfg.disc_levels)
         self.adversary = Adversary(network, latent_probe(teacher), loss=cfg.loss, conditioned=cfg.head_conditioning, r1=cfg.r1,
                                    r1_weight=cfg.r1_weight, r1_sigma=cfg.r1_sigma)
 

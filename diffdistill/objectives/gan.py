@@ -110,14 +110,21 @@ class PixelFeatures:
         return out
 
 
-def load_pixel_network(spec: str):
-    """``dinov2:<hub id or folder>`` -> a frozen transformers ``Dinov2Model`` (safetensors only)."""
+def load_pixel_network(spec: str, device: torch.device | str = "cpu"):
+    """``dinov2:<hub id or folder>`` -> a frozen transformers ``Dinov2Model`` on ``device`` (safetensors only). On
+    the meta device (a teacher without weights, ``diffdistill plan``) it is the architecture only, from the
+    folder's ``config.json`` or the one shipped for the hub id (:func:`diffdistill.architectures.model_config`)."""
     kind, _, path = spec.partition(":")
     if kind != "dinov2" or not path:
         raise ValueError(f"unknown discriminator network {spec!r}: use 'teacher' or 'dinov2:<hub id or folder>'")
     from transformers import Dinov2Model
 
-    return Dinov2Model.from_pretrained(path, use_safetensors=True)
+    if torch.device(device).type == "meta":
+        from ..architectures import model_config
+
+        with torch.device("meta"):
+            return Dinov2Model(Dinov2Model.config_class.from_dict(model_config(path)))
+    return Dinov2Model.from_pretrained(path, use_safetensors=True).to(device)
 
 
 def latent_probe(teacher) -> tuple[torch.Tensor, object]:
