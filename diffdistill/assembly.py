@@ -42,6 +42,20 @@ def assemble(cfg, teacher, prompts: list[str], student_config=None) -> Assembly:
     return Assembly(student, objective, groups, phases)
 
 
+def check_prompt_set(cfg, prompts: list[str]) -> None:
+    """An objective that trains on prompts alone (no images) learns the prompt set: refuse one smaller than
+    ``data.min_prompts``, before any model loads (the shipped real recipes name a 16-line example file)."""
+    from .config import ConfigError
+
+    d = cfg.data
+    if d.prompts != "digits" and cfg.objective.trains_on_prompts() and len(prompts) < d.min_prompts:
+        raise ConfigError("data.prompts", f"{d.prompts!r} holds {len(prompts)} prompts; {cfg.objective.name} trains on "
+                          f"prompts alone and needs at least {d.min_prompts} (data.min_prompts). Point data.prompts at "
+                          "a real prompt set: a .txt with one prompt a line, or a .csv / .jsonl with a caption column "
+                          "(data.caption_column), e.g. LAION or COCO captions; or set data.min_prompts=0 to train on "
+                          "these anyway")
+
+
 def fp32_masters(groups: dict) -> None:
     """Every trainable tensor is an fp32 master whatever ``teacher.dtype`` (as diffusers' training scripts
     require): copies of a half-precision teacher (full students, fake-score copies) and adapters on it are cast

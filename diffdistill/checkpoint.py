@@ -134,6 +134,18 @@ def clean_partial(run_dir: str | Path) -> list[Path]:
     return removed
 
 
+def find_checkpoint(path: str | Path) -> tuple[dict, dict, Path]:
+    """``(tensors, meta, folder)`` of a complete checkpoint folder, or of a run folder's newest loadable one."""
+    folder = Path(path)
+    if (folder / MARKER).is_file():
+        return (*load_state(folder / STATE_FILE), folder)
+    if not complete_checkpoints(folder):
+        raise ResumeError(f"{folder} is neither a complete checkpoint (no {MARKER} marker) nor a run folder with one")
+    found = find_resume(folder, "auto", log=lambda *_: None)
+    assert found is not None
+    return found
+
+
 def find_resume(run_dir: str | Path, resume: str, log=print) -> tuple[dict, dict, Path] | None:
     """The state to resume from: ``auto`` = newest loadable complete checkpoint (corrupt ones are
     reported and skipped), ``none`` = fresh (refused if the run already has checkpoints), otherwise a

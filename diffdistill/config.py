@@ -91,8 +91,10 @@ class DataConfig:
     prompts: str = "digits"  # 'digits' | a .txt (one per line) | .csv / .jsonl with `caption_column`
     caption_column: str = "caption"
     images: str | None = None  # real images for objectives that use them: 'digits' | a folder | .tar shards
+    min_prompts: int = 10_000  # objectives that train on prompts alone refuse a smaller prompt file (0: no minimum)
 
     def validate(self, p: str) -> None:
+        _check(self.min_prompts >= 0, f"{p}.min_prompts", f"must be >= 0, got {self.min_prompts}")
         if self.images is not None:
             spec = self.images
             _check(not spec.startswith("pipe:"), f"{p}.images", "'pipe:' URLs run shell commands and are refused; "
@@ -112,7 +114,7 @@ class TrainConfig:
     batch_size: int = 8  # per process and micro-step: global batch = batch_size x processes x accumulation
     lr: float = 1e-5
     lr_scheduler: str = "constant"  # constant | constant_with_warmup | linear | cosine (diffusers' get_scheduler)
-    lr_warmup_steps: int = 0  # in updates of each phase
+    lr_warmup_steps: int = 0  # in training steps (a phase updating every k-th step warms up over its updates in them)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW, every phase
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
@@ -121,6 +123,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | none | a checkpoint folder
+    init_from: str | None = None  # a checkpoint or run folder: every trained group it holds starts from its weights
     sample_every: int = 250
     log_every: int = 10
     grad_clip: float = 1.0
@@ -128,7 +131,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16 (GPU only)
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers: tensorboard, wandb
     gradient_checkpointing: bool = False
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # per student update (phases that update the student every k-th step: every k-th)
     max_consecutive_nonfinite: int = 10
 
     def validate(self, p: str) -> None:
@@ -315,6 +318,8 @@ def config_from_dict(raw: dict) -> Config:
     sections = {k: build_section(cls, raw.get(k), k) for k, cls in SECTIONS.items()}
     obj_cfg = build_section(OBJECTIVES[name].Config, objective, "objective")
     config = Config(objective=obj_cfg, **sections)
+    _check(not (config.student.init and config.train.init_from), "train.init_from",
+           "starts every trained group from a checkpoint, student.init the student alone from an export: give one")
     obj_cfg.validate_run(config)
     return config
 

@@ -176,7 +176,7 @@ def _alternatives(config, base: Plan) -> list[tuple[str, int]]:
     an optimizer state, by its element size)."""
     out = []
     fake = getattr(config.objective, "fake_score", None)
-    if fake in ("auto", "full") and any(r.name == "fake" for r in base.rows):
+    if fake == "full" and any(r.name == "fake" for r in base.rows):
         lighter = dataclasses.replace(config, objective=dataclasses.replace(config.objective, fake_score="lora"))
         out.append(("objective.fake_score=lora (an adapter on the shared base instead of a full copy; not the "
                     "paper's network)", plan(lighter, alternatives=False).static_bytes))

@@ -4,7 +4,8 @@ turns them into optimizer steps, EMA, logging, samples and checkpoints.
 Per step, per due phase (``step % phase.every == 0``): make only that phase's parameters trainable,
 accumulate ``train.gradient_accumulation`` micro-batches of ``objective.loss``, clip, step that
 phase's optimizer and LR scheduler. A non-finite loss or gradient skips the update, is logged and
-counted; ``train.max_consecutive_nonfinite`` skips in a row abort, naming the phase and term.
+counted; ``train.max_consecutive_nonfinite`` skips in a row abort, naming the phase and term. The student's
+EMA moves once per student update (so its decay is per update, whatever the update ratio).
 Every sample's prompt, image and noise are a pure function of (seed, step, global sample index)
 (``batch.py``), so a resumed run is bitwise identical to an uninterrupted one, and a run split over
 processes or micro-batches sees the same global batch as one process.
@@ -74,12 +75,13 @@ class Trainer:
 
     # -- construction ---------------------------------------------------------------------------
     def _build(self) -> None:
-        from .assembly import assemble
+        from .assembly import assemble, check_prompt_set
         from .pipeline import load_teacher
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         self.prompts = load_prompts(cfg.data.prompts, cfg.data.caption_column)  # fails before any model loads
+        check_prompt_set(cfg, self.prompts)
         self.teacher = load_teacher(cfg.teacher.path, dtype=DTYPES[cfg.teacher.dtype], device=self.acc.device,
                                     resolution=cfg.teacher.resolution, vae=cfg.teacher.vae)
         self.images = load_images(cfg.data.images, self.teacher.image_size, cfg.data.caption_column)
@@ -114,12 +116,15 @@ class Trainer:
         return self.acc.prepare_model(objective)
 
     def _lr_scheduler(self, optimizer, phase):
+        """diffusers' ``get_scheduler`` over the phase's own updates; warm-up and decay are counted in training
+        steps (``train.lr_warmup_steps``, ``train.max_steps``), so a phase that updates every k-th step warms up
+        over the same steps as one that updates every step -- as DMD2's code steps both schedulers every
+        iteration."""
         from diffusers.optimization import get_scheduler
 
         tc = self.cfg.train
-        updates = math.ceil(tc.max_steps / phase.every)
-        return get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps,
-                             num_training_steps=updates)
+        return get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=math.ceil(tc.lr_warmup_steps / phase.every),
+                             num_training_steps=math.ceil(tc.max_steps / phase.every))
 
     def _activate(self, phase) -> list[torch.nn.Parameter]:
         """The one place that toggles ``requires_grad``: on for this phase's groups, off for the rest."""
@@ -278,6 +283,36 @@ class Trainer:
             torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"])
         self.state = RunState(meta["step"], dict(meta["skipped"]), dict(meta["consecutive"]))
 
+    def init_from(self, path) -> None:
+        """``train.init_from``: a staged recipe's next stage (DMD2's stage 2 from stage 1, as its
+        ``--ckpt_only_path``). Every trained group the checkpoint holds (student, fake score, heads) starts from its
+        weights, and must fit exactly; a group it lacks (a GAN head that stage 1 did not train) starts fresh, and
+        is named in the log. Optimizers, LR schedules and the step start afresh; the EMA starts at the loaded
+        student. A run that has checkpoints of its own resumes from them instead."""
+        tensors, _, folder = ckpt.find_checkpoint(path)
+        loaded, fresh = [], []
+        with torch.no_grad():
+            for g, group in self.groups.items():
+                keys = {f"param.{g}.{k}": p for k, p in group.items()}
+                present = [k for k in keys if k in tensors]
+                if not present:
+                    fresh.append(g)
+                    continue
+                missing = sorted(set(keys) - set(present))
+                extra = sorted(k for k in tensors if k.startswith(f"param.{g}.") and k not in keys)
+                bad = [k for k in present if tensors[k].shape != keys[k].shape]
+                if missing or extra or bad:
+                    raise ckpt.ResumeError(
+                        f"train.init_from {folder}: its {g!r} does not fit this run's ({len(missing)} tensors missing, "
+                        f"{len(extra)} unexpected, {len(bad)} of another shape; e.g. {(missing + extra + bad)[:2]})")
+                for k, p in keys.items():
+                    p.copy_(tensors[k])
+                loaded.append(g)
+        if "student" not in loaded:
+            raise ckpt.ResumeError(f"train.init_from {folder}: it holds no student weights")
+        self.ema = EMA(self.groups["student"], decay=self.cfg.train.ema_decay)
+        self.log(f"started {', '.join(loaded)} from {folder}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+
     # -- samples and the exported student ------------------------------------------------------------
     @contextlib.contextmanager
     def ema_weights(self):
@@ -355,6 +390,8 @@ class Trainer:
             tensors, meta, folder = found
             self._restore(tensors, meta)
             self.log(f"resumed from {folder} at step {self.state.step}")
+        elif tc.init_from:
+            self.init_from(tc.init_from)
         main = self.acc.is_main_process
         if main:
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
@@ -368,7 +405,8 @@ class Trainer:
                    desc="train", disable=not self.acc.is_local_main_process)
         for step in bar:
             records = [self._update(phase, step) for phase in self.phases if step % phase.every == 0]
-            self.ema.update(self.groups["student"])
+            if any("student" in self.phase(r["phase"]).modules and not r.get("skipped") for r in records):
+                self.ema.update(self.groups["student"])  # once per student update: the decay is per update
             self.state.step = step + 1
             for r in records:
                 metrics.write(json.dumps(r) + "\n")

@@ -94,6 +94,8 @@ SIZE = {"tiny_flux": ["teacher.resolution=16"]}  # FLUX has no native size in it
 # sigmas: TINY's t = 0.5 is not on it (index 249 at SD3's shift 3); 0.75 is (index 499), and t = 1 always is
 GRID = {("tiny_sd3", "lcm"): ["student.timesteps=[1.0, 0.75]"], ("tiny_flux", "lcm"): ["student.timesteps=[1.0]"]}
 LORA = ["student.kind=lora", "student.lora_rank=4"]
+# LoRA students of the DMD family run with the shared-base fake score (full students cover the fake-score copy)
+LORA_FAKE = {name: ["objective.fake_score=lora"] for name in ("dmd", "dmd2", "dpdmd")}
 
 
 def test_every_registered_objective_has_a_contract_row():
@@ -103,7 +105,7 @@ def test_every_registered_objective_has_a_contract_row():
 def _trainer(path, run, name, kind="full", *extra, family="tiny_sd") -> Trainer:
     cfg = load_config(TINY, [f"teacher.path={path}", f"train.output_dir={run}", "train.max_steps=2",
                              "train.checkpoint_every=2", "train.sample_every=1000", "train.lr=1e-2", *CASES[name],
-                             *(LORA if kind == "lora" else []), *SIZE.get(family, []), *GRID.get((family, name), []),
+                             *(LORA + LORA_FAKE.get(name, []) if kind == "lora" else []), *SIZE.get(family, []), *GRID.get((family, name), []),
                              *extra])
     return Trainer(cfg)
 

@@ -238,7 +238,23 @@ def test_lr_schedule_warms_up_then_decays(tiny_sd, tmp_path):
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0  # cosine decay over the remaining updates
 
 
-GC_CASES = {"dmd2-lora": ["objective={name: dmd2, student_every: 1}", "data.images=digits", "student.timesteps=[1.0]",
+def test_warm_up_and_ema_count_as_dmd2_counts_them(tiny_sd, tmp_path, one_thread):
+    """A phase updating every k-th step warms up over training steps, not over its own updates (DMD2 steps its
+    generator's scheduler every iteration); the EMA moves once per student update."""
+    run = tmp_path / "ratio"
+    trainer = Trainer(_cfg(tiny_sd, run, "objective={name: dmd2, student_every: 2, gan_weight: 0, disc_weight: 0}",
+                           "student.timesteps=[1.0]", "train.max_steps=6", "train.lr=1e-3",
+                           "train.lr_scheduler=constant_with_warmup", "train.lr_warmup_steps=4"))
+    trainer.run()
+    records = _losses(run)
+    student = [r["lr"] for r in records if r["phase"] == "student"]  # steps 0, 2, 4
+    fake = [r["lr"] for r in records if r["phase"] == "fake_score"]  # steps 0..5
+    assert student == pytest.approx([0.0, 5e-4, 1e-3])
+    assert fake == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert trainer.ema.num_updates == 3
+
+
+GC_CASES = {"dmd2-lora": ["objective={name: dmd2, student_every: 1, fake_score: lora}", "data.images=digits", "student.timesteps=[1.0]",
                           "student.kind=lora", "student.lora_rank=4"],  # student and fake score: adapters on one base
             "swiftbrush-lora": ["objective={name: swiftbrush, fake_lora_rank: 4}", "student.timesteps=[1.0]",
                                 "student.kind=lora", "student.lora_rank=4"],
@@ -297,3 +313,57 @@ def test_trainable_tensors_are_fp32_masters_beside_a_half_precision_teacher(tiny
     total = sum(before[k].numel() for k in live)
     assert moved > 0.5 * total, (moved, total)
     assert all(p.dtype == torch.float32 for group in trainer.groups.values() for p in group.values())
+
+
+STAGE = ["student.timesteps=[1.0]", "train.max_steps=2", "train.checkpoint_every=2", "train.sample_every=1000",
+         "train.lr=1e-2"]
+
+
+def test_init_from_carries_student_fake_score_and_head_into_the_next_stage(tiny_sd, tmp_path, one_thread):
+    """DMD2's staged recipe: stage 2 (with the GAN head) starts its student and fake score from stage 1's
+    checkpoint (as the authors' --ckpt_only_path); the head stage 1 did not train starts fresh; optimizers, the
+    step and the EMA start afresh."""
+    stage1 = Trainer(_cfg(tiny_sd, tmp_path / "s1", "objective={name: dmd2, student_every: 1, gan_weight: 0, "
+                          "disc_weight: 0}", *STAGE))
+    stage1.run()
+    trained = {g: {k: p.detach().clone() for k, p in group.items()} for g, group in stage1.groups.items()}
+    stage2 = Trainer(_cfg(tiny_sd, tmp_path / "s2", "objective={name: dmd2, student_every: 1}", "data.images=digits",
+                          f"train.init_from={tmp_path / 's1'}", *STAGE))
+    fresh_head = {k: p.detach().clone() for k, p in stage2.groups["disc"].items()}
+    teacher_like = {k: p.detach().clone() for k, p in stage2.groups["fake_score"].items()}
+    logs = []
+    stage2.log = logs.append
+    stage2.init_from(tmp_path / "s1")
+    for g in ("student", "fake_score"):
+        assert all(torch.equal(p, trained[g][k]) for k, p in stage2.groups[g].items()), g
+    assert any(not torch.equal(p, teacher_like[k]) for k, p in stage2.groups["fake_score"].items())  # stage 1 moved it
+    assert all(torch.equal(p, fresh_head[k]) for k, p in stage2.groups["disc"].items())
+    assert stage2.state.step == 0 and stage2.ema.num_updates == 0
+    assert all(torch.equal(stage2.ema.shadow[k], p.float()) for k, p in stage2.groups["student"].items())
+    assert any("fresh: disc" in line for line in logs)
+    stage2.run()  # and it trains on
+    assert stage2.state.step == 2
+
+
+def test_init_from_refuses_a_checkpoint_that_does_not_fit(tiny_sd, tmp_path, one_thread):
+    Trainer(_cfg(tiny_sd, tmp_path / "s1", "objective={name: dmd2, student_every: 1, gan_weight: 0, disc_weight: 0}",
+                 "student.kind=lora", "student.lora_rank=4", *STAGE)).run()
+    other = Trainer(_cfg(tiny_sd, tmp_path / "s2", "objective={name: dmd2, student_every: 1, gan_weight: 0, "
+                         "disc_weight: 0}", "student.kind=lora", "student.lora_rank=8", *STAGE))
+    with pytest.raises(ckpt.ResumeError, match="'student' does not fit"):
+        other.init_from(tmp_path / "s1")
+    with pytest.raises(ckpt.ResumeError, match="neither a complete checkpoint"):
+        other.init_from(tmp_path / "nothing")
+
+
+def test_a_small_prompt_set_is_refused_by_objectives_that_train_on_prompts(tiny_sd, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    from diffdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"holds 2 prompts; regression trains on prompts alone and needs at least "
+                                          r"10000 \(data.min_prompts\)"):
+        Trainer(_cfg(tiny_sd, tmp_path / "r", f"data.prompts={prompts}"))
+    Trainer(_cfg(tiny_sd, tmp_path / "r", f"data.prompts={prompts}", "data.min_prompts=2"))  # at the minimum: fine
+    # captioned-image objectives train on the images' captions: the prompt file only names sample prompts
+    Trainer(_cfg(tiny_sd, tmp_path / "l", f"data.prompts={prompts}", "objective={name: lcm}", "data.images=digits"))

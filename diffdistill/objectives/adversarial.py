@@ -110,6 +110,9 @@ class LADDConfig(ObjectiveConfig):
         if self.data == "images":
             self.check_images(config, "with data: images trains on real images")
 
+    def trains_on_prompts(self) -> bool:
+        return self.data == "teacher"  # teacher samples of the prompts; with images, their captions
+
 
 @dataclass
 class ADDConfig(LADDConfig):

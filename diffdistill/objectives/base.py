@@ -48,6 +48,11 @@ class ObjectiveConfig:
     def validate_run(self, config) -> None:
         """Checks against the other sections (e.g. an objective that needs ``data.images``)."""
 
+    def trains_on_prompts(self) -> bool:
+        """Whether the student learns from ``data.prompts`` alone (no image or its caption): then the prompt set
+        is the training set, and a small one is refused (``data.min_prompts``)."""
+        return True
+
     # -- checks several objectives share ------------------------------------------------------------
     def check_unguided_sampler(self, config) -> None:
         """At config load, where the teacher is a local folder: the student samples without CFG unless its

@@ -97,6 +97,9 @@ class LCMConfig(ObjectiveConfig):
         _check(0.0 <= self.empty_prompt_prob < 1.0, f"{p}.empty_prompt_prob",
                f"must be in [0, 1), got {self.empty_prompt_prob}")
 
+    def trains_on_prompts(self) -> bool:
+        return False  # captioned images
+
     def validate_run(self, config) -> None:
         self.check_images(config, "noises real images (an image folder or webdataset shards also do)")
 

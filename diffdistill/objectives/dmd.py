@@ -4,9 +4,10 @@ Image Synthesis", NeurIPS 2024) and DP-DMD (Wu et al. 2026, :class:`DPDMD`). Num
 authors' code (tianweiy/DMD2).
 
 Networks: the student G; the real score = the frozen teacher with CFG ``real_guidance``; the fake score
-= a copy of the teacher (full students) or adapter ``fake_score`` on the shared frozen base (LoRA
-students; ``objective.fake_score`` chooses otherwise, see score_distillation.py), trained online on G's
-samples; for DMD2 a classification head on the fake score's bottleneck.
+= a trainable copy of the teacher, for full and LoRA students alike (the authors' code always trains a full fake
+UNet); ``objective.fake_score: lora`` makes it adapter ``fake_score`` on the shared frozen base instead (ours,
+see score_distillation.py), trained online on G's samples; for DMD2 a classification head on the fake score's
+bottleneck.
 
 Phases (the trainer runs them in this order; DMD2's two-time-scale rule is ``student_every``):
 
@@ -132,10 +133,9 @@ class DMD2Config(ScoreDistillationConfig):
             self.check_renoising_sampler(config, "with regression_steps: all (set first, or regression_weight: 0) "
                                          "trains later steps on teacher samples re-noised with fresh noise")
         if self.fake_per_step:
-            copies = self.fake_score == "full" or (self.fake_score == "auto" and config.student.kind == "full")
-            if not copies:
-                raise ConfigError("objective.fake_per_step", "needs fake scores that are network copies (a full "
-                                  "student, or objective.fake_score: full)")
+            if self.fake_score != "full":
+                raise ConfigError("objective.fake_per_step", "needs fake scores that are network copies "
+                                  "(objective.fake_score: full)")
         super().validate_run(config)
 
 

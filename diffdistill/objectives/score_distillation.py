@@ -4,8 +4,9 @@ samples, and student samples drawn as at inference (backward simulation for mult
 
 The fake score is either a trainable copy of the teacher's denoiser or a LoRA adapter ``fake_score`` on
 the teacher's own frozen network (the teacher is then that network with adapters off). ``fake_score``:
-``auto`` (a copy for full students, an adapter on the shared base for LoRA students -- DMD2's choice),
-``lora`` (an adapter for either kind: SwiftBrush's "LoRA teacher"), ``full`` (a copy for either kind).
+``full`` (a copy, for either student kind: DMD and DMD2 always train a full fake UNet, also beside the LoRA
+student of DMD2's SDXL LoRA run) or ``lora`` (an adapter, for either kind: SwiftBrush's "LoRA teacher"; for
+DMD2 ours, the memory-light option: one copy of the weights in memory for teacher, student and fake score).
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ FAKE_ADAPTER = "fake_score"
 
 @dataclass
 class ScoreDistillationConfig(ObjectiveConfig):
-    fake_score: str = "auto"                 # auto | lora | full (module docstring)
+    fake_score: str = "full"                 # full | lora (module docstring); DMD / DMD2: full
     fake_lora_rank: int | None = None        # adapter fake score: rank (None: the student's, or 64 for full students)
     fake_lora_alpha: float | None = None     # None: the LoRA student's alpha, else = rank
     fake_lora_targets: list[str] | None = None  # None: the LoRA student's targets, else lora.DEFAULT_TARGETS
     fake_lr: float | None = None             # the fake-score phase's learning rate (None: train.lr)
 
     def validate(self, p: str) -> None:
-        _check(self.fake_score in ("auto", "lora", "full"), f"{p}.fake_score",
-               f"must be auto, lora or full, got {self.fake_score!r}")
+        _check(self.fake_score != "auto", f"{p}.fake_score", "'auto' is gone: DMD2 trains a full copy (full, the "
+               "default); an adapter on the shared base is 'lora'")
+        _check(self.fake_score in ("lora", "full"), f"{p}.fake_score", f"must be full or lora, got {self.fake_score!r}")
         _check(self.fake_lora_rank is None or self.fake_lora_rank > 0, f"{p}.fake_lora_rank",
                f"must be positive, got {self.fake_lora_rank}")
         _check(self.fake_lr is None or self.fake_lr > 0, f"{p}.fake_lr", f"must be positive, got {self.fake_lr}")
@@ -51,8 +53,7 @@ class ScoreDistillationConfig(ObjectiveConfig):
 def build_fake_score(cfg: ScoreDistillationConfig, teacher, student: Student) -> Student:
     """The fake score network as a :class:`Student` (run it with ``fake(x_t, t, cond, out=...)``)."""
     tb = teacher.backbone
-    use_adapter = cfg.fake_score == "lora" or (cfg.fake_score == "auto" and student.adapter is not None)
-    if not use_adapter:
+    if cfg.fake_score == "full":
         denoiser = copy.deepcopy(tb.denoiser)
         if lora.adapter_names(denoiser):  # a LoRA student's adapter rides on the teacher's network: not in the copy
             denoiser.unload_lora()
