@@ -341,6 +341,19 @@ class DiffusionBackbone(nn.Module):
                 names.append(name)
         return tuple(names)
 
+    DISC_BLOCKS = 6  # an MM-DiT's default number of discriminator levels
+
+    def default_disc_levels(self) -> tuple[str, ...]:
+        """The default levels of discriminator heads: every UNet block; on an MM-DiT :attr:`DISC_BLOCKS` blocks
+        evenly spaced over its depth, the last included (ours: LADD's text does not say which of SD3's blocks carry
+        heads; PCM's SD3 discriminator uses all 24 with 1x1 heads, FastGen's DiT discriminator the middle block;
+        one of our heads per block of a 24-block SD3-medium would hold 4.2 B parameters)."""
+        levels = self.feature_levels()
+        n, k = len(levels), self.DISC_BLOCKS
+        if not self.is_mmdit or n <= k:
+            return levels
+        return tuple(levels[-(-(i + 1) * n // k) - 1] for i in range(k))
+
     def _feature_map(self, output, x_t: torch.Tensor) -> torch.Tensor:
         """A block's output as ``(B, C, H, W)``: UNet blocks give maps (or tuples led by one); an MM-DiT block
         gives ``(text tokens, image tokens)``, whose image tokens ``(B, N, C)`` are laid back on the token grid

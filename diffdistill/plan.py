@@ -178,19 +178,19 @@ def _alternatives(config, base: Plan) -> list[tuple[str, int]]:
     fake = getattr(config.objective, "fake_score", None)
     if fake == "full" and any(r.name == "fake" for r in base.rows):
         lighter = dataclasses.replace(config, objective=dataclasses.replace(config.objective, fake_score="lora"))
-        out.append(("objective.fake_score=lora (an adapter on the shared base instead of a full copy; not the "
-                    "paper's network)", plan(lighter, alternatives=False).static_bytes))
+        what = "objective.fake_score=lora (an adapter on the shared base instead of a full copy; not the paper's network)"
+        out.append((what, plan(lighter, alternatives=False).static_bytes))
     if config.teacher.dtype == "float32":
         half = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, dtype="bfloat16"))
-        out.append(("teacher.dtype=bfloat16 (the frozen networks in bf16; trained tensors stay fp32 masters)",
-                    plan(half, alternatives=False).static_bytes))
+        what = "teacher.dtype=bfloat16 (the frozen networks in bf16; trained tensors stay fp32 masters)"
+        out.append((what, plan(half, alternatives=False).static_bytes))
     adam = sum(r.optimizer_bytes for r in base.rows)
     out.append(("8-bit AdamW (2 bytes of state per trained element instead of 8; not available yet)",
                 base.static_bytes - adam + adam // 4))
     if base.gpus > 1:
         trained = sum(r.weight_bytes for r in base.rows if r.trainable) + base.trained_bytes
-        out.append((f"sharding the trained tensors and their states over {base.gpus} GPUs (FSDP2 / ZeRO-3; not "
-                    "available yet)", base.static_bytes - trained + trained // base.gpus))
+        what = f"sharding the trained tensors and their states over {base.gpus} GPUs (FSDP2 / ZeRO-3; not available yet)"
+        out.append((what, base.static_bytes - trained + trained // base.gpus))
     return out
 
 
@@ -206,7 +206,7 @@ def format_plan(p: Plan) -> str:
               f"{r.trainable / 1e6:,.1f}M", r.weight_dtype, r.master_dtype, *(f"{b / GB:.2f}" for b in (
                   r.weight_bytes, r.grad_bytes, r.optimizer_bytes, r.ema_bytes, r.total_bytes))] for r in p.rows]
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *lines)]
-    fmt = "  ".join("{:<%d}" % widths[0:1][0] if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     out = [head, "", fmt.format(*cols), *(fmt.format(*row) for row in lines), ""]
     static = p.static_bytes / GB
     out.append(f"static per process: {static:.2f} GB (every process of a DDP run holds all of it); activations: not "

@@ -62,6 +62,11 @@ class Schedule:
 
     num_train_timesteps: int
 
+    def training_time(self, u) -> torch.Tensor:
+        """The noise level of a uniform draw ``u`` on the grid the teacher was trained on: ``u`` itself for VP
+        schedules (uniform timesteps); :class:`FlowSchedule` shifts it."""
+        return _as_time(u)
+
     def alpha(self, t) -> torch.Tensor:
         raise NotImplementedError
 
@@ -228,6 +233,10 @@ class FlowSchedule(Schedule):
         """SD3's resolution shift: ``shift * t / (1 + (shift - 1) * t)``."""
         t = _as_time(t)
         return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def training_time(self, u) -> torch.Tensor:
+        """``shift_t(u)``: a flow teacher's training sigmas are its uniform ones shifted (SD3: shift 3)."""
+        return self.shift_t(u)
 
     def unshift_t(self, t) -> torch.Tensor:
         """The inverse of :meth:`shift_t`: ``t / (shift - (shift - 1) * t)``."""

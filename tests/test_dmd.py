@@ -42,7 +42,7 @@ def test_gan_losses():
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_dmd2_phases_and_its_gan_component(tiny_sd, tmp_path, kind, one_thread):
     """What DMD2 is made of (each phase's contract and direction: tests/test_objectives.py)."""
-    extra = ["student.kind=lora", "student.lora_rank=4"] if kind == "lora" else []
+    extra = ["student.kind=lora", "student.lora_rank=4", "objective.fake_score=lora"] if kind == "lora" else []
     trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", *extra))
     obj, groups = trainer.objective, trainer.groups
     assert [(p.name, p.modules, p.every) for p in trainer.phases] == [
@@ -53,6 +53,18 @@ def test_dmd2_phases_and_its_gan_component(tiny_sd, tmp_path, kind, one_thread):
     assert type(adv) is Adversary and adv.levels == ("mid",) and adv.loss_kind == "nonsaturating"
     assert adv.network.backbone is obj.fake.backbone and adv.network.adapter == obj.fake.adapter and not adv.conditioned
     assert set(groups["disc"]) == {f"heads.mid.{k}" for k, _ in adv.heads.heads["mid"].named_parameters()}
+
+
+def test_dmd2_trains_a_full_fake_score_for_either_student_kind(tiny_sd, tmp_path, one_thread):
+    """DMD2's code always trains a full fake UNet, also beside its SDXL LoRA student; 'auto' is refused."""
+    from diffdistill.config import ConfigError
+
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", "student.kind=lora", "student.lora_rank=4"))
+    fake = trainer.objective.fake
+    assert fake.adapter is None and fake.backbone.denoiser is not trainer.teacher.backbone.denoiser
+    assert not any("lora" in k for k in fake.named_parameters_to_train())
+    with pytest.raises(ConfigError, match="'auto' is gone"):
+        _cfg(tiny_sd, tmp_path / "r", "objective.fake_score=auto")
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.0, 0.5])
@@ -159,7 +171,8 @@ def test_per_step_fake_scores_each_model_one_steps_outputs(tiny_sd, tmp_path, mo
     assert {k for k in saved if k.startswith("param.fake_score.step1.")}  # checkpoints carry every fake score
     assert any(not torch.equal(p, teacher[n]) for n, p in second.backbone.denoiser.named_parameters())
     with pytest.raises(ConfigError, match="objective.fake_per_step"):  # adapters on one shared base: one fake score
-        load_config(TINY, ["objective={name: dmd2, fake_per_step: true}", "data.images=digits", "student.kind=lora"])
+        load_config(TINY, ["objective={name: dmd2, fake_per_step: true, fake_score: lora}", "data.images=digits",
+                           "student.kind=lora"])
     with pytest.raises(ConfigError, match="objective.fake_per_step"):  # DP-DMD: DM on the final sample only
         load_config(TINY, ["objective={name: dpdmd, fake_per_step: true}", "student.gamma=0"])
     with pytest.raises(ConfigError, match="objective.dm_below_input"):  # DP-DMD: no later step's DM term to restrict

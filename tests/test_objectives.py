@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,6 +291,34 @@ def test_dm_gradient_moves_the_sample_from_the_fake_towards_the_real_score(tiny_
     assert torch.allclose(got * x.numel(), want, rtol=1e-4, atol=1e-6 * float(xd.abs().max()))
     descent = -got
     assert ((descent * (x0_real - x0_fake)).flatten(1).sum(1) > 0).all()  # towards the real score, per sample
+
+
+@pytest.mark.parametrize("name", ["dmd2", "swiftbrush"])
+@pytest.mark.parametrize("family", ["tiny_sd", "tiny_sd3"])
+def test_score_distillation_noise_levels_lie_on_the_teachers_training_grid(request, tmp_path, calls, monkeypatch,
+                                                                           family, name, one_thread):
+    """The DM / VSD term and the fake score draw u uniformly and noise at the teacher's training sigma for u: u
+    itself on a VP teacher, SD3's shift s u / (1 + (s - 1) u) on a flow teacher (DP-DMD's flow reference)."""
+    from diffdistill.batch import Batch
+
+    path = request.getfixturevalue(family)
+    shift = float(json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text()).get("shift", 1.0))
+    assert (family == "tiny_sd3") == (shift != 1.0)
+    trainer = _trainer(path, tmp_path / "r", name, "full", DM_OFF.get(name, CASES[name][0]), family=family)
+    obj, u = trainer.objective, 0.25
+    monkeypatch.setattr(Batch, "rand", lambda self, *shape, device=None: torch.full((len(self), *shape), u))
+
+    def grid(v):  # the training sigma of a uniform draw v, written out independently of schedule.py
+        return v if family == "tiny_sd" else shift * v / (1 + (shift - 1) * v)
+
+    trainer.phase_loss("student", trainer.micro_batch(0, batch_size=2))
+    (term,) = [c for c in calls if c.net is trainer.teacher.backbone and c.adapter is None and c.scale is not None]
+    want = grid(obj.cfg.min_t + (obj.cfg.max_t - obj.cfg.min_t) * u)
+    assert torch.allclose(term.t, torch.full_like(term.t, want), atol=1e-12), (term.t, want)
+    calls.clear()
+    trainer.phase_loss("fake_score", trainer.micro_batch(0, batch_size=2))
+    (fit,) = [c for c in calls if c.net is obj.fake]
+    assert torch.allclose(fit.t, torch.full_like(fit.t, grid(u)), atol=1e-12), (fit.t, grid(u))
 
 
 @pytest.mark.parametrize("name", ["dmd2", "dpdmd"])

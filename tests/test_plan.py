@@ -97,8 +97,8 @@ def test_real_recipe_builds_at_real_size_with_fp32_masters(name, one_thread):
     # the plan's static figure is what the run's tensors add up to, counted here independently: every distinct
     # tensor of the teacher's modules and the objective once, plus fp32 gradient + two AdamW moments per trained
     # element, plus the student's fp32 EMA
-    extra = [getattr(m, "model") for m in run.objective.modules() for m in [getattr(m, "network", None)]
-             if isinstance(getattr(m, "model", None), torch.nn.Module)]
+    extra = [net.model for m in run.objective.modules() for net in [getattr(m, "network", None)]
+             if isinstance(getattr(net, "model", None), torch.nn.Module)]
     modules = [teacher.backbone.denoiser, teacher.vae, *extra, run.objective,
                *(m for m in (teacher.text_encoder, teacher.text_encoder_2, teacher.text_encoder_3) if m is not None)]
     weights = sum(t.numel() * t.element_size() for t in _unique(modules))

@@ -101,7 +101,7 @@ def test_resume_is_bitwise_identical(tiny_sd, tmp_path, two_phase, objective):
         assert resumed.optimizers["fake_score"].param_groups[0]["lr"] == 2e-3
     if objective == "ladd":  # the heads' phase at its own rate; the teacher pool is made once, then reused
         assert {r["phase"]: r["lr"] for r in _losses(tmp_path / "b")} == {"student": 1e-3, "disc": 2e-3}
-        assert (tmp_path / "b" / "teacher_pairs.safetensors").is_file()
+        assert (tmp_path / "b" / "teacher_pairs" / "COMPLETE").is_file()
     if objective == "dmd2":
         assert phases.count("student") == 2 and phases.count("fake_score") == 6  # student every 3rd step
 
@@ -367,3 +367,34 @@ def test_a_small_prompt_set_is_refused_by_objectives_that_train_on_prompts(tiny_
     Trainer(_cfg(tiny_sd, tmp_path / "r", f"data.prompts={prompts}", "data.min_prompts=2"))  # at the minimum: fine
     # captioned-image objectives train on the images' captions: the prompt file only names sample prompts
     Trainer(_cfg(tiny_sd, tmp_path / "l", f"data.prompts={prompts}", "objective={name: lcm}", "data.images=digits"))
+
+
+def test_teacher_pair_pool_is_made_once_streamed_and_resumed_shard_by_shard(tmp_path):
+    from diffdistill.objectives.regression import PairPool
+
+    calls = []
+
+    def make(shard, size, device):
+        calls.append(shard)
+        base = torch.arange(shard * 3, shard * 3 + size, dtype=torch.float32)
+        return {"z": base.view(-1, 1, 1, 1).repeat(1, 2, 2, 2), "x0": -base.view(-1, 1, 1, 1).repeat(1, 2, 2, 2),
+                "prompt_index": base.long()}
+
+    recipe = {"num_pairs": 7, "teacher_steps": 2, "guidance": 2.0, "prompts": 10}
+    pool = PairPool.open_or_make(tmp_path / "pool", recipe, 3, make, "cpu")
+    assert calls == [0, 1, 2] and len(pool) == 7  # shards of 3, 3, 1
+    rows = pool.rows([6, 0, 4, 4])
+    assert rows["prompt_index"].tolist() == [6, 0, 4, 4]
+    assert torch.equal(rows["z"][:, 0, 0, 0], torch.tensor([6.0, 0.0, 4.0, 4.0])) and rows["x0"].shape == (4, 2, 2, 2)
+    calls.clear()
+    PairPool.open_or_make(tmp_path / "pool", recipe, 3, make, "cpu")
+    assert calls == []  # made once
+    (tmp_path / "pool" / "COMPLETE").unlink()  # an interrupted making: shard 1 never written
+    pool.shard_path(1).unlink()
+    PairPool.open_or_make(tmp_path / "pool", recipe, 3, make, "cpu")
+    assert calls == [1]
+    calls.clear()
+    PairPool.open_or_make(tmp_path / "pool", {**recipe, "teacher_steps": 4}, 3, make, "cpu")
+    assert calls == [0, 1, 2]  # another recipe: made anew
+    with pytest.raises(IndexError):
+        pool.rows([7])

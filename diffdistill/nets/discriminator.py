@@ -33,9 +33,12 @@ def _block(channels: int, stride: int) -> list[nn.Module]:
 
 
 class DiscriminatorHead(nn.Module):
-    def __init__(self, channels: int, size: int, cond_dim: int | None = None):
+    def __init__(self, channels: int, size: int, cond_dim: int | None = None, width: int | None = None):
         super().__init__()
         layers: list[nn.Module] = []
+        if width is not None and width < channels:  # ours: a 1x1 projection first, for wide features (MM-DiTs)
+            layers.append(nn.Conv2d(channels, width, 1))
+            channels = width
         while size > 4:
             layers += _block(channels, 2)
             size //= 2
@@ -61,13 +64,14 @@ class DiscriminatorHead(nn.Module):
 
 
 class FeatureDiscriminator(nn.Module):
-    """Heads over several feature levels: ``shapes`` maps a level name to its ``(channels, side)``."""
+    """Heads over several feature levels: ``shapes`` maps a level name to its ``(channels, side)``; ``width``: each
+    head first projects wider features to that many channels (1x1 convolution)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], cond_dim: int | None = None):
+    def __init__(self, shapes: dict[str, tuple[int, int]], cond_dim: int | None = None, width: int | None = None):
         super().__init__()
         if not shapes:
             raise ValueError("a discriminator needs at least one feature level")
-        self.heads = nn.ModuleDict({name: DiscriminatorHead(c, s, cond_dim) for name, (c, s) in shapes.items()})
+        self.heads = nn.ModuleDict({name: DiscriminatorHead(c, s, cond_dim, width) for name, (c, s) in shapes.items()})
 
     @property
     def levels(self) -> tuple[str, ...]:

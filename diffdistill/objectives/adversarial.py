@@ -70,7 +70,8 @@ class LADDConfig(ObjectiveConfig):
     first_step_prob: float | None = 0.7   # P(first student timestep); None: uniform (ADD)
     loss: str = "hinge"                   # hinge (ADD, LADD) | nonsaturating
     disc_network: str = "teacher"         # teacher (its own features, offline) | dinov2:<hub id or folder> (ADD's)
-    disc_levels: list[str] | None = None  # levels with a head; None: every down block + mid / 4 DINOv2 layers
+    disc_levels: list[str] | None = None  # levels with a head; None: every UNet block / 6 MM-DiT blocks / 4 DINOv2 layers
+    disc_head_width: int | None = None    # heads project wider features to this many channels first (None: no)
     disc_noise: str = "logit_normal"      # logit_normal(disc_t_mean, disc_t_std) | uniform (U[0, 1))
     disc_t_mean: float = 1.0
     disc_t_std: float = 1.0
@@ -89,6 +90,8 @@ class LADDConfig(ObjectiveConfig):
         _check(self.guidance >= 1.0 and self.distill_guidance >= 1.0, f"{p}.guidance",
                f"guidance / distill_guidance are diffusers CFG scales (>= 1), got {self.guidance}, {self.distill_guidance}")
         _check(self.teacher_steps > 0, f"{p}.teacher_steps", f"must be positive, got {self.teacher_steps}")
+        _check(self.disc_head_width is None or self.disc_head_width > 0, f"{p}.disc_head_width",
+               f"must be positive or null, got {self.disc_head_width}")
         _check(self.num_pairs >= 0, f"{p}.num_pairs", f"must be >= 0, got {self.num_pairs}")
         _check(self.first_step_prob is None or 0 < self.first_step_prob <= 1, f"{p}.first_step_prob",
                f"must be in (0, 1] or null, got {self.first_step_prob}")
@@ -141,7 +144,7 @@ class LADD(Objective):
         else:
             network = PixelFeatures(teacher, load_pixel_network(cfg.disc_network, teacher.device), cfg.disc_levels)
         self.adversary = Adversary(network, latent_probe(teacher), loss=cfg.loss, conditioned=cfg.head_conditioning, r1=cfg.r1,
-                                   r1_weight=cfg.r1_weight, r1_sigma=cfg.r1_sigma)
+                                   r1_weight=cfg.r1_weight, r1_sigma=cfg.r1_sigma, head_width=cfg.disc_head_width)
 
     def phases(self) -> list[Phase]:
         return [Phase("student", ["student"]), Phase("disc", ["disc"], lr=self.cfg.disc_lr)]

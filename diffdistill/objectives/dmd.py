@@ -132,10 +132,9 @@ class DMD2Config(ScoreDistillationConfig):
         if self.regression_weight > 0 and self.regression_steps == "all":
             self.check_renoising_sampler(config, "with regression_steps: all (set first, or regression_weight: 0) "
                                          "trains later steps on teacher samples re-noised with fresh noise")
-        if self.fake_per_step:
-            if self.fake_score != "full":
-                raise ConfigError("objective.fake_per_step", "needs fake scores that are network copies "
-                                  "(objective.fake_score: full)")
+        if self.fake_per_step and self.fake_score != "full":
+            raise ConfigError("objective.fake_per_step", "needs fake scores that are network copies "
+                              "(objective.fake_score: full)")
         super().validate_run(config)
 
 
@@ -234,10 +233,7 @@ class DMD2(ScoreDistillation):
 
     def _fake_loss(self, batch: Batch, cond) -> LossOut:
         x, k = self.generate_at_step(batch, cond, grad=False)
-        sched = self.teacher.backbone.schedule
-        t = batch.rand().double().clamp_min(1.0 / sched.num_train_timesteps).to(x.device)  # U(0, 1], as randint(0, N)
-        eps = batch.randn(*x.shape[1:]).to(x)
-        x_t = sched.add_noise(x, eps, t)
+        x_t, t, eps = self.fake_noised(batch, x)
         denoise = self.fake_denoising(self.fake_at(k), x, x_t, t, eps, cond)
         total, terms = denoise, {"fake_denoising": denoise.detach()}
         if self.gan and self.cfg.disc_weight > 0:

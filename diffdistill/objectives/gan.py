@@ -53,13 +53,13 @@ def fourier(t: torch.Tensor, dim: int = FOURIER_DIM) -> torch.Tensor:
 class DenoiserFeatures:
     """A diffusion denoiser as the feature network (run under ``adapter``; ``None``: adapters off, the frozen
     teacher): inputs are noised at ``noise`` times first; ``levels`` of :meth:`DiffusionBackbone.features`
-    (``None``: one per block, :meth:`DiffusionBackbone.feature_levels`)."""
+    (``None``: :meth:`DiffusionBackbone.default_disc_levels`)."""
 
     def __init__(self, backbone, adapter: str | None, levels, noise: tuple = ("uniform", 0.0, 1.0)):
         if noise[0] not in NOISE_KINDS:
             raise ValueError(f"unknown discriminator noise {noise[0]!r}; choose one of {NOISE_KINDS}")
         self.backbone, self.adapter, self.noise = backbone, adapter, noise
-        self.levels = backbone.feature_levels() if levels is None else tuple(levels)
+        self.levels = backbone.default_disc_levels() if levels is None else tuple(levels)
 
     def prepare(self, batch: Batch, x: torch.Tensor):
         """``(x_t, t)``: latents ``x`` noised at this network's noise levels, one draw per sample."""
@@ -138,7 +138,8 @@ class Adversary(nn.Module):
     :class:`PixelFeatures`; not this module's parameters)."""
 
     def __init__(self, network, probe: tuple[torch.Tensor, object], *, loss: str = "nonsaturating",
-                 conditioned: bool = False, r1: str = "none", r1_weight: float = 0.0, r1_sigma: float = 0.01):
+                 conditioned: bool = False, r1: str = "none", r1_weight: float = 0.0, r1_sigma: float = 0.01,
+                 head_width: int | None = None):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown GAN loss {loss!r}; choose one of {sorted(LOSSES)}")
@@ -151,7 +152,8 @@ class Adversary(nn.Module):
             feats = network(*network.prepare(_ProbeBatch(), x), cond)
         self.levels = tuple(feats)
         cond_dim = cond.pooled().shape[-1] + FOURIER_DIM if conditioned else None
-        self.heads = FeatureDiscriminator({k: (v.shape[1], v.shape[-1]) for k, v in feats.items()}, cond_dim)
+        self.heads = FeatureDiscriminator({k: (v.shape[1], v.shape[-1]) for k, v in feats.items()}, cond_dim,
+                                          head_width)
 
     def head_logits(self, inputs: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """``(B, L)`` logits of the heads on the network's features of prepared ``inputs`` at ``t``."""

@@ -13,8 +13,8 @@ first`` trains only the first step on the pairs (the noise-to-image map of eq. 4
 
 Deviation: ``d`` is the squared error in latent space. Luhman & Luhman use L2 in pixel space on
 CIFAR; DMD uses LPIPS on decoded images, whose VGG weights must be downloaded (not possible
-offline). Pairs are generated on the fly, or, with ``num_pairs > 0``, once into
-``<run>/teacher_pairs.safetensors`` and sampled from there.
+offline). Pairs are generated on the fly, or, with ``num_pairs > 0``, once into a :class:`PairPool` on disk
+(``<run>/teacher_pairs/``) and streamed from there.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class RegressionConfig(ObjectiveConfig):
     teacher_steps: int = 25
     guidance: float = 2.0        # teacher CFG, diffusers convention (1 = none)
     num_pairs: int = 0           # 0: pairs on the fly; N: N cached pairs per run
-    pair_batch_size: int = 100
+    pair_batch_size: int = 100  # pairs per teacher batch, and per shard of the pool on disk
     steps: str = "all"           # all: every student step (later ones on re-noised pairs) | first: step 0 only
 
     def validate_run(self, config) -> None:
@@ -59,7 +59,7 @@ class Regression(Objective):
         super().__init__()
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.prompt_pool = prompt_pool
-        self.pairs: dict[str, torch.Tensor] | None = None
+        self.pairs: PairPool | None = None
 
     def phases(self) -> list[Phase]:
         return [Phase("student", ["student"])]
@@ -82,34 +82,29 @@ class Regression(Objective):
     def prepare(self, run_dir, device) -> None:
         if self.cfg.num_pairs == 0:
             return
-        from ..checkpoint import load_state, save_state
+        recipe = {"num_pairs": self.cfg.num_pairs, "teacher_steps": self.cfg.teacher_steps,
+                  "guidance": self.cfg.guidance, "prompts": len(self.prompt_pool)}
+        self.pairs = PairPool.open_or_make(Path(run_dir) / "teacher_pairs", recipe, self.cfg.pair_batch_size,
+                                           self.make_shard, device)
 
-        path = Path(run_dir) / "teacher_pairs.safetensors"
-        if path.is_file():
-            tensors, meta = load_state(path)
-            if meta.get("num_pairs") == self.cfg.num_pairs:
-                self.pairs = tensors
-                return
-        g = torch.Generator().manual_seed(12345)
-        idx = torch.randint(len(self.prompt_pool), (self.cfg.num_pairs,), generator=g)
-        prompts = [self.prompt_pool[i] for i in idx.tolist()]
-        zs, x0s = [], []
-        for i in tqdm(range(0, len(prompts), self.cfg.pair_batch_size), desc="teacher pairs"):
-            chunk = prompts[i:i + self.cfg.pair_batch_size]
-            z = torch.randn((len(chunk), *self.teacher.latent_shape), generator=g).to(device, self.teacher.dtype)
-            x0 = self.teacher_pairs(chunk, z)
-            zs.append(z.cpu()), x0s.append(x0.cpu())
-        self.pairs = {"z": torch.cat(zs), "x0": torch.cat(x0s), "prompt_index": idx}
-        save_state(path, self.pairs, {"num_pairs": self.cfg.num_pairs, "prompts": "index into the run's prompt pool"})
+    def make_shard(self, shard: int, size: int, device) -> dict[str, torch.Tensor]:
+        """Pairs ``shard * size ..`` of the pool: prompt indices and noise from a per-shard seed (so a pool
+        whose making was interrupted goes on from its last complete shard), and the teacher's samples."""
+        g = torch.Generator().manual_seed(12345 + shard)
+        idx = torch.randint(len(self.prompt_pool), (size,), generator=g)
+        z = torch.randn((size, *self.teacher.latent_shape), generator=g).to(device, self.teacher.dtype)
+        x0 = self.teacher_pairs([self.prompt_pool[i] for i in idx.tolist()], z)
+        return {"z": z.cpu(), "x0": x0.cpu(), "prompt_index": idx}
 
     def batch_pairs(self, batch: Batch):
         if self.pairs is None:
             z = batch.randn(*self.teacher.latent_shape, device=self.teacher.device, dtype=self.teacher.dtype)
             return batch.prompts, z, self.teacher_pairs(batch.prompts, z)
-        pick = batch.randint(len(self.pairs["z"]))
-        prompts = [self.prompt_pool[i] for i in self.pairs["prompt_index"][pick].tolist()]
+        pick = batch.randint(len(self.pairs))
+        rows = self.pairs.rows(pick.tolist())
+        prompts = [self.prompt_pool[i] for i in rows["prompt_index"].tolist()]
         device = self.teacher.device
-        return prompts, self.pairs["z"][pick].to(device), self.pairs["x0"][pick].to(device)
+        return prompts, rows["z"].to(device), rows["x0"].to(device)
 
     def loss(self, phase: str, batch: Batch, step: int) -> LossOut:
         if phase != "student":
@@ -124,3 +119,72 @@ class Regression(Objective):
         pred = self.student(x_in, t.to(z.device), self.teacher.encode_prompt(prompts), out="x0")
         mse = F.mse_loss(pred.float(), x0.float())
         return LossOut(total=mse, terms={"regression_mse": mse.detach()}, images=pred.detach())
+
+
+class PairPool:
+    """Teacher pairs on disk, made once and streamed: ``shard-NNNNN.safetensors`` files of ``shard_size`` pairs
+    (``z``, ``x0``, ``prompt_index``) and a ``COMPLETE`` marker holding the recipe that made them. Reading maps the
+    files (safetensors), so a pool of tens of GB is not held in memory, and the processes of one machine share
+    its pages. Made by the main process (the trainer runs ``prepare`` there first), shard by shard, each written
+    atomically: an interrupted making resumes at its first missing shard; a pool made with another recipe is
+    made anew."""
+
+    MARKER = "COMPLETE"
+
+    def __init__(self, folder: Path, num_pairs: int, shard_size: int):
+        self.folder, self.num_pairs, self.shard_size = Path(folder), num_pairs, shard_size
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    def shard_path(self, shard: int) -> Path:
+        return self.folder / f"shard-{shard:05d}.safetensors"
+
+    @classmethod
+    def open_or_make(cls, folder: Path, recipe: dict, shard_size: int, make_shard, device) -> PairPool:
+        """The pool in ``folder`` if it was made with ``recipe``, else made now with ``make_shard(i, n, device)``."""
+        import json
+        import shutil
+
+        from ..checkpoint import save_state
+
+        folder = Path(folder)
+        marker = folder / cls.MARKER
+        if marker.is_file():
+            made = json.loads(marker.read_text())
+            if made["recipe"] == recipe:
+                return cls(folder, recipe["num_pairs"], made["shard_size"])
+            shutil.rmtree(folder)  # another recipe's pairs: none of them can be reused
+        partial = folder / "recipe.json"
+        if partial.is_file() and json.loads(partial.read_text()) != {"recipe": recipe, "shard_size": shard_size}:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"recipe": recipe, "shard_size": shard_size}))
+        pool = cls(folder, recipe["num_pairs"], shard_size)
+        shards = -(-pool.num_pairs // shard_size)
+        for shard in tqdm(range(shards), desc="teacher pairs"):
+            if pool.shard_path(shard).is_file():
+                continue
+            size = min(shard_size, pool.num_pairs - shard * shard_size)
+            save_state(pool.shard_path(shard), make_shard(shard, size, device), {"shard": shard, "size": size})
+        marker.write_text(json.dumps({"recipe": recipe, "shard_size": shard_size}))
+        return pool
+
+    def rows(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Pairs ``indices`` (in that order), read from their shards."""
+        from safetensors import safe_open
+
+        by_shard: dict[int, list[int]] = {}
+        for i in indices:
+            if not 0 <= i < self.num_pairs:
+                raise IndexError(f"pair {i} of a pool of {self.num_pairs}")
+            by_shard.setdefault(i // self.shard_size, []).append(i)
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for shard, members in by_shard.items():
+            with safe_open(str(self.shard_path(shard)), framework="pt") as f:
+                for key in ("z", "x0", "prompt_index"):
+                    rows = f.get_slice(key)
+                    for i in members:
+                        j = i - shard * self.shard_size
+                        out.setdefault(i, {})[key] = rows[j:j + 1][0]
+        return {key: torch.stack([out[i][key] for i in indices]) for key in ("z", "x0", "prompt_index")}

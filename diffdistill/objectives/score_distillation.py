@@ -23,7 +23,7 @@ from ..sampling import next_student_input
 from ..schedule import FlowSchedule, from_x0_eps
 from ..student import Student
 from . import functional as fn
-from .base import Batch, Objective, ObjectiveConfig, noised
+from .base import Batch, Objective, ObjectiveConfig
 
 FAKE_ADAPTER = "fake_score"
 
@@ -120,5 +120,20 @@ class ScoreDistillation(Objective):
         return fn.denoising_loss(fake(x_t, t, cond, out=space), target, weight)
 
     def noised(self, batch: Batch, x: torch.Tensor, lo: float, hi: float):
-        """``(x_t, t, eps)``: ``x`` noised by the teacher's schedule at ``t ~ U[lo, hi)`` per sample."""
-        return noised(batch, self.teacher.backbone.schedule, x, lo, hi)
+        """``(x_t, t, eps)``: ``x`` noised by the teacher's schedule at ``t = training_time(u)``, ``u ~ U[lo, hi)``
+        per sample -- on a flow teacher the shifted sigma grid it was trained on (DP-DMD's flow reference draws
+        its noise levels there; ``lo``, ``hi`` bound the unshifted draw)."""
+        sched = self.teacher.backbone.schedule
+        u = (lo + (hi - lo) * batch.rand()).double()
+        t = sched.training_time(u).to(x.device)
+        eps = batch.randn(*x.shape[1:]).to(x)
+        return sched.add_noise(x, eps, t), t, eps
+
+    def fake_noised(self, batch: Batch, x: torch.Tensor):
+        """The fake score's training input: ``x`` noised at ``t = training_time(u)``, ``u ~ U(0, 1]`` (the authors'
+        ``randint(0, N)`` timesteps, the lowest 1 / N)."""
+        sched = self.teacher.backbone.schedule
+        u = batch.rand().double().clamp_min(1.0 / sched.num_train_timesteps)
+        t = sched.training_time(u).to(x.device)
+        eps = batch.randn(*x.shape[1:]).to(x)
+        return sched.add_noise(x, eps, t), t, eps

@@ -131,9 +131,7 @@ class VSD(ScoreDistillation):
         t_ = self.teacher
         x = self.generate(batch, t_.encode_prompt(batch.prompts), grad=False)
         sched = t_.backbone.schedule
-        t = batch.rand().double().clamp_min(1.0 / sched.num_train_timesteps).to(x.device)  # U(0, 1], as randint(0, N)
-        eps = batch.randn(*x.shape[1:]).to(x)
-        x_t = sched.add_noise(x, eps, t)
+        x_t, t, eps = self.fake_noised(batch, x)
         cond = t_.encode_captions(batch.drop_captions(batch.prompts, self.cfg.fake_empty_prompt_prob))
         # SwiftBrush weights its epsilon loss by alpha_bar_t; on flow teachers the velocity loss is unweighted (ours)
         weight = sched.alpha(t).double() ** 2 if self.denoising_space == "eps" else None
