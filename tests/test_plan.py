@@ -38,6 +38,8 @@ NETWORKS = {
     "dmd2/flux_4step_lora.yaml": ("lora", "lora", True),     # ours: one shared 12B base (header)
     "dmd2/sd15.yaml": ("full", "full", True),                # stage 2
     "dmd2/sd15_stage1.yaml": ("full", "full", False),        # stage 1: no GAN head
+    "dmd2/sdxl_1step.yaml": ("full", "full", True),
+    "dmd2/sdxl_1step_ode_pretrain.yaml": ("full", None, False),  # regression pre-training (LPIPS)
     "dmd2/sdxl_4step.yaml": ("full", "full", True),
     "dmd2/sdxl_4step_lora.yaml": ("lora", "full", True),     # DMD2 always trains a full fake UNet
     "ladd/sd15.yaml": ("full", None, True),

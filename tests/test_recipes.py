@@ -2,7 +2,7 @@
 fixture of its teacher's family (the tiny teacher substituted for the hub id), with and without gradient
 checkpointing. Only what sizes the run is overridden: the teacher path (and a resolution that fits the fixture),
 two steps of batch 2 without warm-up (which would leave them at lr 0), a small teacher-sample pool, the digits
-images for recipes that train on images, a tiny DINOv2 for ADD's pixel discriminator, no prompt minimum (the example
+images for recipes that train on images, a tiny DINOv2 for ADD's pixel discriminator, random LPIPS weights, no prompt minimum (the example
 prompt file has 16 lines), no stage-1 checkpoint to start from."""
 
 from __future__ import annotations
@@ -38,7 +38,19 @@ def tiny_dinov2(tmp_path_factory) -> str:
     return str(folder)
 
 
-def _overrides(config, fixture: str, run, checkpointing: bool, dinov2: str) -> list[str]:
+@pytest.fixture(scope="module")
+def random_lpips(tmp_path_factory) -> str:
+    """Random LPIPS-VGG weights, standing in for the converted real ones."""
+    from safetensors.torch import save_model
+
+    from diffdistill.perceptual import build_lpips
+
+    path = tmp_path_factory.mktemp("lpips") / "lpips_vgg.safetensors"
+    save_model(build_lpips(), str(path))
+    return str(path)
+
+
+def _overrides(config, fixture: str, run, checkpointing: bool, dinov2: str, lpips: str) -> list[str]:
     out = [f"teacher.path={fixture}", f"train.output_dir={run}", "train.max_steps=2", "train.batch_size=2",
            "train.checkpoint_every=2", "train.sample_every=1000", "data.min_prompts=0", "train.init_from=null",
            "train.lr_warmup_steps=0",
@@ -47,6 +59,8 @@ def _overrides(config, fixture: str, run, checkpointing: bool, dinov2: str) -> l
         out.append("teacher.resolution=16")
     if config.data.images is not None:
         out.append("data.images=digits")
+    if "lpips" in (getattr(config.objective, "loss", None), getattr(config.objective, "regression_loss", None)):
+        out.append(f"objective.lpips_weights={lpips}")
     if getattr(config.objective, "disc_network", "teacher").startswith("dinov2:"):
         out.append(f"objective.disc_network='dinov2:{dinov2}'")
     for key, small in (("num_pairs", 4), ("teacher_steps", 2)):
@@ -57,10 +71,12 @@ def _overrides(config, fixture: str, run, checkpointing: bool, dinov2: str) -> l
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("name", REAL)
-def test_shipped_recipe_trains_on_its_family_fixture(request, tmp_path, name, checkpointing, tiny_dinov2, one_thread):
+def test_shipped_recipe_trains_on_its_family_fixture(request, tmp_path, name, checkpointing, tiny_dinov2, random_lpips,
+                                                     one_thread):
     shipped = load_config(CONFIGS / name)
     fixture = request.getfixturevalue(FIXTURE[shipped.teacher.path])
-    config = load_config(CONFIGS / name, _overrides(shipped, fixture, tmp_path / "run", checkpointing, tiny_dinov2))
+    config = load_config(CONFIGS / name, _overrides(shipped, fixture, tmp_path / "run", checkpointing, tiny_dinov2,
+                                                     random_lpips))
     trainer = Trainer(config)
     assert trainer.teacher.dtype == {"float32": torch.float32, "bfloat16": torch.bfloat16}[shipped.teacher.dtype]
     trained = [p for group in trainer.groups.values() for p in group.values()]

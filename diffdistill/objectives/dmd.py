@@ -58,8 +58,9 @@ Defaults are DMD2's SD1.5 recipe (experiments/sdv1.5 scripts): real guidance 1.7
 (discriminator), diffusion-GAN noise over the whole range. The ``dmd`` registry entry sets
 ``regression_weight`` 0.25 (DMD's lambda_reg), no GAN, ``student_every`` 1.
 
-Deviations: times are continuous (``t`` uniform, where the code draws integer timesteps); the
-regression term is latent MSE, not LPIPS (see regression.py); the head pools globally (see
+Deviations: times are continuous (``t`` uniform, where the code draws integer timesteps; on flow teachers on
+the shifted training grid); the regression term is latent MSE by default (``regression_loss: lpips`` is DMD's
+LPIPS on decoded images, regression.py); the head pools globally (see
 nets/discriminator.py); real images are encoded with the VAE posterior mean; where the authors' code
 zeroes non-finite DM gradients, ours leaves them: the trainer's guard skips and counts that update.
 """
@@ -96,6 +97,8 @@ class DMD2Config(ScoreDistillationConfig):
     pair_guidance: float = 1.75
     num_pairs: int = 0
     regression_steps: str = "all"    # multi-step students: regression on every step's input (all) or step 0 (first)
+    regression_loss: str = "mse"     # mse (latents, ours) | lpips (decoded images, DMD's; regression.py)
+    lpips_weights: str | None = None  # regression_loss lpips: the LPIPS-VGG safetensors file (perceptual.py)
     fake_per_step: bool = False      # multi-step students: one fake score per student step (not in DMD2)
     dm_below_input: bool = False     # multi-step students: step k's DM term at t < its input's time t_k (not in DMD2)
     later_real_guidance: float | None = None  # multi-step students: real-score CFG of steps k > 0 (not in DMD2)
@@ -108,6 +111,8 @@ class DMD2Config(ScoreDistillationConfig):
         _check(self.student_every >= 1, f"{p}.student_every", f"must be >= 1, got {self.student_every}")
         _check(0.0 <= self.min_t < self.max_t <= 1.0, f"{p}.min_t",
                f"need 0 <= min_t < max_t <= 1, got {self.min_t}, {self.max_t}")
+        _check(self.regression_loss in ("mse", "lpips"), f"{p}.regression_loss",
+               f"must be mse or lpips, got {self.regression_loss!r}")
         _check(self.regression_steps in ("all", "first"), f"{p}.regression_steps",
                f"must be 'all' or 'first', got {self.regression_steps!r}")
         for key in ("gan_weight", "disc_weight", "regression_weight", "gan_max_t"):
@@ -164,7 +169,8 @@ class DMD2(ScoreDistillation):
         self.regression = None
         if cfg.regression_weight > 0:
             reg_cfg = RegressionConfig(teacher_steps=cfg.teacher_steps, guidance=cfg.pair_guidance, num_pairs=cfg.num_pairs,
-                                       steps=cfg.regression_steps)
+                                       steps=cfg.regression_steps, loss=cfg.regression_loss,
+                                       lpips_weights=cfg.lpips_weights)
             self.regression = Regression(reg_cfg, teacher, student, prompt_pool)
 
     @property
@@ -226,9 +232,9 @@ class DMD2(ScoreDistillation):
             total = total + c.gan_weight * gen
             terms["gan_generator"] = gen.detach()
         if self.regression is not None:
-            reg = self.regression.loss("student", batch, step).total
-            total = total + c.regression_weight * reg
-            terms["regression_mse"] = reg.detach()
+            reg = self.regression.loss("student", batch, step)
+            total = total + c.regression_weight * reg.total
+            terms.update(reg.terms)  # regression_mse or regression_lpips
         return total, terms
 
     def _fake_loss(self, batch: Batch, cond) -> LossOut:

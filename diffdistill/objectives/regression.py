@@ -11,9 +11,9 @@ loss is minimised by the posterior mean ``E[x0 | x_t]``, which is blurred at lar
 first`` trains only the first step on the pairs (the noise-to-image map of eq. 4 / DMD eq. 9); the
 ``dmd2`` objective exposes it as ``objective.regression_steps``.
 
-Deviation: ``d`` is the squared error in latent space. Luhman & Luhman use L2 in pixel space on
-CIFAR; DMD uses LPIPS on decoded images, whose VGG weights must be downloaded (not possible
-offline). Pairs are generated on the fly, or, with ``num_pairs > 0``, once into a :class:`PairPool` on disk
+``d`` (``loss``): ``mse``, the squared error in latent space (ours; Luhman & Luhman use L2 in pixel space on
+CIFAR), or ``lpips``, LPIPS between the two latents decoded by the teacher's VAE, as DMD (eq. 9) and DMD2's SDXL
+ODE pre-training (:mod:`diffdistill.perceptual`: weights from ``lpips_weights``, a safetensors file). Pairs are generated on the fly, or, with ``num_pairs > 0``, once into a :class:`PairPool` on disk
 (``<run>/teacher_pairs/``) and streamed from there.
 """
 
@@ -40,6 +40,8 @@ class RegressionConfig(ObjectiveConfig):
     num_pairs: int = 0           # 0: pairs on the fly; N: N cached pairs per run
     pair_batch_size: int = 100  # pairs per teacher batch, and per shard of the pool on disk
     steps: str = "all"           # all: every student step (later ones on re-noised pairs) | first: step 0 only
+    loss: str = "mse"            # mse (latents) | lpips (decoded images; DMD, DMD2's SDXL pre-training)
+    lpips_weights: str | None = None  # loss lpips: the safetensors file of lpips.LPIPS(net="vgg") (perceptual.py)
 
     def validate_run(self, config) -> None:
         self.check_renoising_sampler(config, "trains later steps on teacher samples re-noised with fresh noise")
@@ -50,6 +52,7 @@ class RegressionConfig(ObjectiveConfig):
         _check(self.num_pairs >= 0, f"{p}.num_pairs", f"must be >= 0, got {self.num_pairs}")
         _check(self.steps in ("all", "first"), f"{p}.steps", f"must be 'all' or 'first', got {self.steps!r}")
         _check(self.pair_batch_size > 0, f"{p}.pair_batch_size", f"must be positive, got {self.pair_batch_size}")
+        _check(self.loss in ("mse", "lpips"), f"{p}.loss", f"must be mse or lpips, got {self.loss!r}")
 
 
 class Regression(Objective):
@@ -60,6 +63,11 @@ class Regression(Objective):
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.prompt_pool = prompt_pool
         self.pairs: PairPool | None = None
+        self.lpips = None
+        if cfg.loss == "lpips":
+            from ..perceptual import load_lpips
+
+            self.lpips = load_lpips(cfg.lpips_weights, teacher.device)
 
     def phases(self) -> list[Phase]:
         return [Phase("student", ["student"])]
@@ -117,8 +125,13 @@ class Regression(Objective):
         renoised = self.student.backbone.schedule.add_noise(x0, eps, t)
         x_in = torch.where((k == 0).view(-1, 1, 1, 1).to(z.device), z, renoised)  # (B, C, H, W)
         pred = self.student(x_in, t.to(z.device), self.teacher.encode_prompt(prompts), out="x0")
-        mse = F.mse_loss(pred.float(), x0.float())
-        return LossOut(total=mse, terms={"regression_mse": mse.detach()}, images=pred.detach())
+        if self.lpips is None:
+            mse = F.mse_loss(pred.float(), x0.float())
+            return LossOut(total=mse, terms={"regression_mse": mse.detach()}, images=pred.detach())
+        images = self.teacher.decode_latents(torch.cat([pred, x0.to(pred)])).float()  # (2B, 3, H, W) in ~[-1, 1]
+        n = len(pred)
+        d = self.lpips(images[:n], images[n:]).mean()
+        return LossOut(total=d, terms={"regression_lpips": d.detach()}, images=pred.detach())
 
 
 class PairPool:
