@@ -94,6 +94,16 @@ class Schedule:
         t = _as_time(t, x0)
         return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * eps
 
+    def transition(self, x_s: torch.Tensor, s, t, eps: torch.Tensor) -> torch.Tensor:
+        """``x_s`` at time ``s`` moved forward to ``t >= s`` by the noise process itself:
+        ``(alpha_t / alpha_s) x_s + sqrt(sigma_t^2 - (alpha_t sigma_s / alpha_s)^2) eps`` (scalars or one value per
+        sample): a sample of ``x_s``'s marginal becomes one of ``x_t``'s (VP: ``sqrt(abar_t / abar_s)`` and
+        ``sqrt(1 - abar_t / abar_s)``)."""
+        s, t = _as_time(s, x_s), _as_time(t, x_s)
+        ratio = self.alpha(t) / self.alpha(s)
+        std = (self.sigma(t) ** 2 - (ratio * self.sigma(s)) ** 2).clamp_min(0).sqrt()
+        return _bcast(ratio, x_s) * x_s + _bcast(std, x_s) * eps
+
     def convert(self, pred: torch.Tensor, x_t: torch.Tensor, t, src: str, dst: str) -> torch.Tensor:
         """Convert a prediction of type ``src`` at ``(x_t, t)`` into type ``dst``."""
         return convert(pred, x_t, t, src, dst, self)

@@ -159,3 +159,97 @@ def test_guidance_embedding_matches_diffusers_and_starts_as_the_teacher(tiny_sd,
     assert student.backbone.denoiser.time_embedding.cond_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="guidance_embedding_dim"):
         _cfg(tiny_sd, tmp_path, "student.kind=lora", "student.guidance_embedding_dim=32")
+
+
+# -- PCM's adversarial consistency loss ------------------------------------------------------------------------
+def _pcm_adv(tiny_sd, run, grid: int = 50):
+    trainer = Trainer(load_config(TINY, [f"teacher.path={tiny_sd}", f"train.output_dir={run}",
+                                         f"objective={{name: pcm, num_phases: 2, adv_weight: 0.5, num_ddim_timesteps: "
+                                         f"{grid}}}", "data.images=digits",
+                                         "student.timesteps=[1.0, 0.5]", "student.gamma=0", "student.kind=lora",
+                                         "student.lora_rank=4"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # heads and adapter away from their neutral (zero) start
+        for p in (*trainer.groups["disc"].values(), *trainer.groups["student"].values()):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return trainer
+
+
+def _edge_pair_logits(trainer, batch):
+    """D on the student's and the target's phase-edge outputs, each moved forward to the drawn adversarial level
+    (the draws of one batch, replayed), mean over heads: (fake, real), each (B,)."""
+    obj = trainer.objective
+    with torch.no_grad():
+        b = batch()
+        online, target, t_end, cond = obj.pair(b, grad=False)
+        t_adv = obj.adversarial_level(b, t_end)
+        fake = obj.adversarial_input(b, online, t_end, t_adv)
+        real = obj.adversarial_input(b, target, t_end, t_adv)
+        return (obj.adversary.head_logits(fake, t_adv, cond).mean(1), obj.adversary.head_logits(real, t_adv, cond).mean(1))
+
+
+def test_pcm_adversarial_levels_lie_in_the_phase_from_its_edge(tiny_sd, tmp_path, one_thread):
+    """A 4-point grid in 2 phases (grid timesteps 249, 499, 749, 999 as indices 0..3; phase 0 = indices 0, 1 with
+    edge timestep 0, phase 1 = indices 2, 3 with edge 499): the level is the edge or the grid point above it,
+    never the phase's top."""
+    trainer = _pcm_adv(tiny_sd, tmp_path / "r", grid=4)
+    obj, sched = trainer.objective, trainer.teacher.backbone.schedule
+    assert [p.name for p in trainer.phases] == ["student", "disc"]
+    assert trainer.phase("disc").lr == 1e-5 and trainer.phase("disc").every == 1
+    assert obj.grid_ks.tolist() == [249, 499, 749, 999]
+    b = trainer.micro_batch(0, batch_size=48)
+    _, _, t_end, _ = obj.pair(b, grad=False)
+    t_adv = obj.adversarial_level(b, t_end)
+    k = sched.index_time(torch.tensor([0.0, 249.0, 499.0, 749.0]))  # timesteps 0 (edge 0), 249, 499 (edge 1), 749
+    allowed = {float(k[0]): {float(k[0]), float(k[1])}, float(k[2]): {float(k[2]), float(k[3])}}
+    pairs = {(float(e), float(a)) for e, a in zip(t_end, t_adv)}
+    assert pairs == {(e, a) for e, levels in allowed.items() for a in levels}, pairs
+
+
+def test_noise_transition_keeps_the_marginal():
+    """x_s = alpha_s x0 + sigma_s e1 moved to t: mean alpha_t x0, noise variance sigma_t^2 (both schedules)."""
+    from diffdistill.schedule import FlowSchedule, VPSchedule
+
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    for sched in (VPSchedule(torch.cumprod(1 - betas, 0)), FlowSchedule(shift=3.0)):
+        s, t = torch.tensor([0.2, 0.5]), torch.tensor([0.6, 0.5])
+        x0, e1, e2 = torch.ones(2, 1), torch.zeros(2, 1), torch.zeros(2, 1)
+        assert torch.allclose(sched.transition(sched.add_noise(x0, e1, s), s, t, e2), sched.alpha(t).view(-1, 1).float())
+        e1, e2 = torch.tensor([[1.0, 0.0]] * 2), torch.tensor([[0.0, 1.0]] * 2)  # orthogonal unit noises
+        moved = sched.transition(sched.add_noise(torch.zeros(2, 2), e1, s), s, t, e2)
+        assert torch.allclose((moved ** 2).sum(1), (sched.sigma(t) ** 2).float(), atol=1e-6)
+
+
+def test_pcm_a_discriminator_step_separates_targets_from_student_outputs(tiny_sd, tmp_path, one_thread):
+    trainer = _pcm_adv(tiny_sd, tmp_path / "r")
+    batch = lambda: trainer.micro_batch(0, batch_size=4)
+    before = _edge_pair_logits(trainer, batch)
+    out = trainer.phase_loss("disc", batch())
+    assert set(out.terms) == {"gan_discriminator", "logits_real", "logits_fake"}
+    params = list(trainer.groups["disc"].values())
+    grads = torch.autograd.grad(out.total, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.sub_(1e-2 * g)
+    after = _edge_pair_logits(trainer, batch)
+    margin = [float(r.mean() - f.mean()) for f, r in (before, after)]
+    assert margin[1] > margin[0] + 1e-4, margin
+
+
+def test_pcm_a_generator_step_raises_the_discriminator_on_its_outputs(tiny_sd, tmp_path, one_thread):
+    trainer = _pcm_adv(tiny_sd, tmp_path / "r")
+    batch = lambda: trainer.micro_batch(0, batch_size=4)
+    before, _ = _edge_pair_logits(trainer, batch)
+    out = trainer.phase_loss("student", batch())
+    assert set(out.terms) == {"consistency_huber", "gan_generator"}
+    consistency = fn.consistency_loss(*trainer.objective.pair(batch(), grad=False)[:2], "huber", 0.001)
+    assert torch.allclose(out.total.detach(), consistency + 0.5 * out.terms["gan_generator"], rtol=1e-5)
+    trainer.objective.cfg.adv_weight = 50.0  # let the GAN term lead this one step
+    out = trainer.phase_loss("student", batch())
+    params = list(trainer.groups["student"].values())
+    grads = torch.autograd.grad(out.total, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.sub_(1e-2 * g)
+    after, _ = _edge_pair_logits(trainer, batch)
+    assert after.mean() > before.mean()

@@ -52,7 +52,7 @@ def test_lpips_loads_only_safetensors_and_says_what_to_download(lpips_weights, t
 def test_regression_with_lpips_is_the_perceptual_distance_of_the_decoded_pair(tiny_sd, tmp_path, lpips_weights,
                                                                               monkeypatch, one_thread):
     trainer = Trainer(load_config(TINY, [f"teacher.path={tiny_sd}", f"train.output_dir={tmp_path / 'r'}",
-                                         f"objective.loss=lpips", f"objective.lpips_weights={lpips_weights}",
+                                         "objective.loss=lpips", f"objective.lpips_weights={lpips_weights}",
                                          "objective.teacher_steps=2", "student.timesteps=[1.0]"]))
     obj = trainer.objective
     seen = {}

@@ -48,7 +48,7 @@ NETWORKS = {
     "lcm/sd3_lora.yaml": ("lora", None, False),
     "lcm/sdxl_lora.yaml": ("lora", None, False),
     "pcm/sd15_lora.yaml": ("lora", None, False),
-    "pcm/sd3_lora.yaml": ("lora", None, False),
+    "pcm/sd3_lora.yaml": ("lora", None, True),              # with the adversarial consistency loss
     "tdd/sd15_lora.yaml": ("lora", None, False),
     "vsd/sd15_snoopi.yaml": ("full", "lora", False),         # SwiftBrush's LoRA teacher
     "vsd/sd21_swiftbrush.yaml": ("full", "lora", False),

@@ -210,9 +210,9 @@ class ConsistencyDistillation(Objective):
         """The batch's captions, each replaced by "" with probability ``empty_prompt_prob``."""
         return batch.drop_captions(batch.image_captions, self.cfg.empty_prompt_prob)
 
-    def loss(self, phase: str, batch: Batch, step: int) -> LossOut:
-        if phase != "student":
-            raise ValueError(f"{self.cfg.name} has one phase, 'student'; got {phase!r}")
+    def pair(self, batch: Batch, grad: bool = True):
+        """``(online, target, t_end, cond)``: the student's consistency output from a noised real latent and the
+        target's from the teacher's step below it, both at ``t_end``, and the captions' conditioning."""
         t = self.teacher
         with torch.no_grad():
             x0 = t.encode_images(batch.images, sample=False).to(t.dtype)  # (B, C, H, W) real latents
@@ -222,10 +222,17 @@ class ConsistencyDistillation(Objective):
         x_n = t.backbone.schedule.add_noise(x0, eps, t_n)
         w = self.guidance(batch)
         cond_w = cond.with_guidance(w)  # a guidance-embedded student is told the teacher's scale (LCM sec. 4.3)
-        online = self.consistency(self.student, x_n, t_n, t_end, cond_w)
+        with torch.set_grad_enabled(grad):
+            online = self.consistency(self.student, x_n, t_n, t_end, cond_w)
         with torch.no_grad():
             x_m = self.teacher_step(x_n, t_n, t_m, cond, w)
             target = self.consistency(self.target_net(), x_m, t_m, t_end, cond_w)
+        return online, target, t_end, cond
+
+    def loss(self, phase: str, batch: Batch, step: int) -> LossOut:
+        if phase != "student":
+            raise ValueError(f"{self.cfg.name} has one phase, 'student'; got {phase!r}")
+        online, target, _, _ = self.pair(batch)
         loss = fn.consistency_loss(online, target, self.cfg.loss, self.cfg.huber_c)
         return LossOut(loss, {f"consistency_{self.cfg.loss}": loss.detach()}, images=online.detach())
 
@@ -251,11 +258,19 @@ class PCMConfig(LCMConfig):
     num_phases: int = 4            # PCM's "multiphase": the ODE trajectory split into this many phases
     w_min: float = 5.0             # the official SD1.5 run's w in [4, 5] ("larger CFG: over-exposure"), +1
     w_max: float = 6.0
+    adv_weight: float = 0.0        # > 0: PCM's adversarial consistency loss at this weight (official adv runs: 0.1)
+    adv_lr: float | None = 1e-5    # its discriminator heads' learning rate (official --adv_lr)
+    disc_levels: list[str] | None = None  # teacher feature levels with a head (None: the backbone's default)
+    disc_head_width: int | None = None    # heads project wider features to this many channels first
 
     def validate(self, p: str) -> None:
         super().validate(p)
         _check(1 <= self.num_phases <= self.num_ddim_timesteps, f"{p}.num_phases",
                f"must be in [1, num_ddim_timesteps], got {self.num_phases}")
+        _check(self.adv_weight >= 0, f"{p}.adv_weight", f"must be >= 0, got {self.adv_weight}")
+        _check(self.adv_lr is None or self.adv_lr > 0, f"{p}.adv_lr", f"must be positive, got {self.adv_lr}")
+        _check(self.disc_head_width is None or self.disc_head_width > 0, f"{p}.disc_head_width",
+               f"must be positive or null, got {self.disc_head_width}")
 
 
 class PCM(JumpConsistency):
@@ -270,8 +285,21 @@ class PCM(JumpConsistency):
     flow teacher: Euler steps from phase top to phase top, landing on ``t = 0``).
 
     Defaults: the official SD1.5 LoRA run (4 phases, w 4..5 in the form ``cond + w (cond - uncond)``,
-    pseudo-Huber); the optional adversarial consistency loss is not implemented (see the adversarial
-    family). Full students use an EMA target as LCM does; the official code (LoRA) uses the online one.
+    pseudo-Huber). Full students use an EMA target as LCM does; the official code (LoRA) uses the online one.
+
+    Adversarial consistency loss (``adv_weight > 0``; the official ``*_adv.py`` scripts, SD3: every ``run.sh``
+    command, 0.1): the student's output at its phase edge (fake) and the consistency target (real) are each moved
+    forward by the noise process, with independent noise, to one grid level drawn from the edge up to one step
+    below the phase's top; heads on the frozen teacher's features (adapters off, conditioned by the network on
+    that level and the prompt) score them with the hinge loss, ``relu(1 + D(fake)) + relu(1 - D(real))``; the
+    student adds ``adv_weight x relu(1 - D(fake))`` (through the frozen teacher) to its consistency loss; the heads
+    train at ``adv_lr``. Deviations: the official scripts alternate a discriminator step and a generator step on
+    different batches (1:1), ours run both phases every step on the same batch (half the steps give the same
+    number of updates of each); the official SD3 re-noising ``((1 - s') x + (s' - s) eps) / (1 - s)`` adds less
+    noise than the flow's own forward step, which ours takes (their SD1.5 script takes the exact one too); their
+    heads are 1x1 convolutions on every block's tokens with a 64 x 64 patch-logit map, ours the shared
+    :class:`~diffdistill.nets.discriminator.DiscriminatorHead` on the backbone's default levels
+    (``disc_levels``, ``disc_head_width``).
 
     Flow teachers (SD3). Read for facts: the official ``code/text_to_image_sd3/`` (``train_pcm_lora_sd3.py``,
     ``train_pcm_lora_sd3_adv.py``, ``pcm_fm_deterministic_scheduler.py``, ``run.sh``, ``sd3_test.py``).
@@ -291,7 +319,7 @@ class PCM(JumpConsistency):
     with ``stochastic_sampling=False`` at those sigmas, which our export writes for ``gamma`` 0. Not
     followed or not verified: their latents are ``vae.encode(...).sample() * scaling_factor`` without
     SD3's ``shift_factor`` (ours subtract it, the inverse of SD3's pipeline decoding); the
-    adversarial term (``adv_weight`` 0.1 in every ``run.sh`` command) is not implemented; their LoRA also
+    adversarial term (``adv_weight`` 0.1 in every ``run.sh`` command) follows with the deviations above; their LoRA also
     targets the context stream, the AdaLN norms and the embedders (``student.lora_targets`` can name them).
     Shift: training takes the base's scheduler config (shift 3 for SD3 Medium) and the training scripts'
     validation samples with ``PCMFMDeterministicScheduler(1000, 3.0, 100)``; ``sd3_test.py`` loads
@@ -306,6 +334,63 @@ class PCM(JumpConsistency):
         super().__init__(cfg, teacher, student, prompt_pool)
         N, K = cfg.num_ddim_timesteps, cfg.num_phases
         self.edge_index = torch.linspace(0, N, K + 1, dtype=torch.float64)[:-1].floor().long()  # E_j
+        self.adversary = None
+        if cfg.adv_weight > 0:  # heads on the frozen teacher's features (adapters off), unconditioned
+            from .gan import Adversary, DenoiserFeatures, latent_probe
+
+            network = DenoiserFeatures(teacher.backbone, None, cfg.disc_levels)
+            self.adversary = Adversary(network, latent_probe(teacher), loss="hinge", head_width=cfg.disc_head_width)
+
+    def phases(self) -> list[Phase]:
+        if self.adversary is None:
+            return super().phases()
+        return [Phase("student", ["student"]), Phase("disc", ["disc"], lr=self.cfg.adv_lr)]
+
+    def trainable(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        groups = super().trainable()
+        if self.adversary is not None:
+            groups["disc"] = dict(self.adversary.heads.named_parameters())
+        return groups
+
+    def adversarial_level(self, batch: Batch, t_end: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` times: per sample a grid level drawn uniformly from its phase edge ``t_end`` up to one step below
+        the phase's top (the official ``adv_index ~ randint(end_index, end_index + N // K)``, sigma
+        ``sigmas_prev[adv_index]``)."""
+        N, K = self.cfg.num_ddim_timesteps, self.cfg.num_phases
+        sched = self.teacher.backbone.schedule
+        edges = sched.index_time(self.phase_edges()).to(t_end)  # (K,) the phases' edge times, ascending
+        phase = (t_end.view(-1, 1) == edges.view(1, -1)).double().argmax(dim=1).cpu()  # t_end is one of them
+        index = self.edge_index[phase] + batch.randint(N // K)  # (B,) grid indices in [E_j, E_j + N / K)
+        below = (index - 1).clamp_min(0)
+        k = torch.where(index > 0, self.grid_ks[below], torch.zeros_like(self.grid_ks[below]))
+        return sched.index_time(k).to(t_end)
+
+    def adversarial_input(self, batch: Batch, x: torch.Tensor, t_end: torch.Tensor, t_adv: torch.Tensor):
+        """``x`` (at its phase edge ``t_end``) moved forward by the noise process to ``t_adv``, with fresh noise:
+        real and fake get independent draws at the same level."""
+        eps = batch.randn(*x.shape[1:]).to(x)
+        return self.teacher.backbone.schedule.transition(x, t_end, t_adv, eps)
+
+    def loss(self, phase: str, batch: Batch, step: int) -> LossOut:
+        if self.adversary is None:
+            return super().loss(phase, batch, step)
+        if phase not in ("student", "disc"):
+            raise ValueError(f"pcm with adv_weight > 0 has phases 'student' and 'disc'; got {phase!r}")
+        online, target, t_end, cond = self.pair(batch, grad=phase == "student")
+        t_adv = self.adversarial_level(batch, t_end)
+        fake = self.adversarial_input(batch, online, t_end, t_adv)
+        if phase == "disc":
+            with torch.no_grad():
+                real = self.adversarial_input(batch, target, t_end, t_adv)
+            logits_real = self.adversary.head_logits(real, t_adv, cond)
+            logits_fake = self.adversary.head_logits(fake.detach(), t_adv, cond)
+            d = fn.hinge_discriminator_loss(logits_real, logits_fake)
+            return LossOut(d, {"gan_discriminator": d.detach(), "logits_real": logits_real.detach().mean(),
+                               "logits_fake": logits_fake.detach().mean()}, images=online.detach())
+        consistency = fn.consistency_loss(online, target, self.cfg.loss, self.cfg.huber_c)
+        g = fn.hinge_margin_generator_loss(self.adversary.head_logits(fake, t_adv, cond))
+        return LossOut(consistency + self.cfg.adv_weight * g, {f"consistency_{self.cfg.loss}": consistency.detach(),
+                                                               "gan_generator": g.detach()}, images=online.detach())
 
     def phase_edges(self) -> torch.Tensor:
         """The edge grid index of each phase, ascending (0, then ``grid[E_j - 1]``)."""

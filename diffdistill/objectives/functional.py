@@ -87,6 +87,12 @@ def hinge_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.float().mean()
 
 
+def hinge_margin_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """``E[max(0, 1 - D(G(z)))]``: the generator side of PCM's adversarial consistency loss (its official
+    ``discriminator_sd3.py`` / ``_sd15.py`` ``g_loss``), which stops pushing once a logit passes 1."""
+    return F.relu(1 - logits_fake.float()).mean()
+
+
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """``E[max(0, 1 - D(x_real))] + E[max(0, 1 + D(G(z)))]``: the hinge GAN's discriminator loss."""
     return F.relu(1 - logits_real.float()).mean() + F.relu(1 + logits_fake.float()).mean()
