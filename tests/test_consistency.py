@@ -164,8 +164,8 @@ def test_guidance_embedding_matches_diffusers_and_starts_as_the_teacher(tiny_sd,
 # -- PCM's adversarial consistency loss ------------------------------------------------------------------------
 def _pcm_adv(tiny_sd, run, grid: int = 50):
     trainer = Trainer(load_config(TINY, [f"teacher.path={tiny_sd}", f"train.output_dir={run}",
-                                         f"objective={{name: pcm, num_phases: 2, adv_weight: 0.5, num_ddim_timesteps: "
-                                         f"{grid}}}", "data.images=digits",
+                                         f"objective={{name: pcm, num_phases: 2, adv_weight: 0.5, num_ddim_timesteps: {grid}}}",
+                                         "data.images=digits",
                                          "student.timesteps=[1.0, 0.5]", "student.gamma=0", "student.kind=lora",
                                          "student.lora_rank=4"]))
     g = torch.Generator().manual_seed(3)

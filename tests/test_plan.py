@@ -42,6 +42,7 @@ NETWORKS = {
     "dmd2/sdxl_1step_ode_pretrain.yaml": ("full", None, False),  # regression pre-training (LPIPS)
     "dmd2/sdxl_4step.yaml": ("full", "full", True),
     "dmd2/sdxl_4step_lora.yaml": ("lora", "full", True),     # DMD2 always trains a full fake UNet
+    "dpdmd/sd3.yaml": ("full", "full", False),
     "ladd/sd15.yaml": ("full", None, True),
     "ladd/sd3.yaml": ("full", None, True),
     "lcm/sd15_lora.yaml": ("lora", None, False),
