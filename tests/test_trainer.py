@@ -343,6 +343,13 @@ def test_init_from_carries_student_fake_score_and_head_into_the_next_stage(tiny_
     assert any("fresh: disc" in line for line in logs)
     stage2.run()  # and it trains on
     assert stage2.state.step == 2
+    # a checkpoint that holds a head carries it too
+    heads = {k: p.detach().clone() for k, p in stage2.groups["disc"].items()}
+    stage3 = Trainer(_cfg(tiny_sd, tmp_path / "s3", "objective={name: dmd2, student_every: 1}", "data.images=digits",
+                          *STAGE))
+    stage3.init_from(tmp_path / "s2" / "checkpoints" / "step-000002")
+    assert all(torch.equal(p, heads[k]) for k, p in stage3.groups["disc"].items())
+    assert any(not torch.equal(p, fresh_head[k]) for k, p in stage3.groups["disc"].items())
 
 
 def test_init_from_refuses_a_checkpoint_that_does_not_fit(tiny_sd, tmp_path, one_thread):
