@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | none | a checkpoint folder
     init_from: str | None = None  # a checkpoint or run folder: every trained group it holds starts from its weights
+    resume_allow_changes: list[str] = field(default_factory=list)  # config keys a resume may change knowingly
     sample_every: int = 250
     log_every: int = 10
     grad_clip: float = 1.0
@@ -258,6 +260,10 @@ def build_section(cls, data: dict | None, prefix: str):
             hint = f"; did you mean '{prefix}.{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"{prefix}.{key}", f"unknown key{hint}")
     obj = cls(**{k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in data.items()})
+    for f in dataclasses.fields(obj):  # every number must be finite (an inf lr or guidance trains nothing sane)
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, list) else [value]:
+            _check(not isinstance(v, float) or math.isfinite(v), f"{prefix}.{f.name}", f"must be finite, got {value!r}")
     if hasattr(obj, "validate"):
         obj.validate(prefix)
     return obj
@@ -350,3 +356,58 @@ def config_to_dict(config: Config) -> dict:
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+# -- checked resume ------------------------------------------------------------------------------------------
+# keys a resume may change without being asked (cadence, bookkeeping, evaluation); train.max_steps too, with its
+# consequence for the LR schedule stated
+RESUME_MAY_CHANGE = ("train.max_steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.resume", "train.log_with", "train.resume_allow_changes",
+                     "train.output_dir", "train.init_from", "train.max_consecutive_nonfinite", "eval.")
+# keys that change what the checkpoint's tensors are: never resumed across
+RESUME_STRUCTURAL = ("objective.name", "teacher.path", "student.kind", "student.lora_rank", "student.lora_targets",
+                     "student.guidance_embedding_dim", "objective.fake_score", "objective.fake_lora_rank",
+                     "objective.fake_lora_targets", "objective.fake_per_step", "objective.disc_levels",
+                     "objective.disc_head_width", "objective.disc_network")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume(saved_yaml: str, config: Config) -> list[str]:
+    """A resume of ``config`` from a checkpoint made with the config ``saved_yaml``: refuse every changed key
+    outside :data:`RESUME_MAY_CHANGE` and ``train.resume_allow_changes`` (structural ones, :data:`RESUME_STRUCTURAL`,
+    always), naming each with its old and new value; returns one line per accepted change. Keys the checkpoint's
+    config lacks (added by a later version) are not compared."""
+    old, new = _flat(yaml.safe_load(saved_yaml) or {}), _flat(config_to_dict(config))
+    changed = [(k, old[k], v) for k, v in new.items() if k in old and old[k] != v]
+    allowed = set(config.train.resume_allow_changes)
+
+    def may(key: str) -> bool:
+        return key in allowed or any(key == m or (m.endswith(".") and key.startswith(m)) for m in RESUME_MAY_CHANGE)
+
+    structural = [c for c in changed if c[0] in RESUME_STRUCTURAL]
+    refused = structural or [c for c in changed if not may(c[0])]
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
+        how = ("these change what the checkpoint's tensors are; train into a new train.output_dir" if structural else
+               "set train.resume_allow_changes=[" + ", ".join(k for k, _, _ in refused) + "] to resume anyway, or "
+               "train into a new train.output_dir")
+        raise ConfigError("train.resume", f"the checkpoint was made with another config: {listed}; {how}")
+    notes = []
+    for key, a, b in changed:
+        note = f"resume with {key} changed: {a!r} -> {b!r}"
+        if key == "train.max_steps" and config.train.lr_scheduler not in ("constant", "constant_with_warmup"):
+            note += f" (the {config.train.lr_scheduler} LR schedule now spans {b} steps from here on)"
+        elif key in allowed and key not in ("train.resume_allow_changes",):
+            note += " (allowed by train.resume_allow_changes)"
+        notes.append(note)
+    return notes

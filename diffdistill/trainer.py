@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .batch import Batch, micro_batch
-from .config import Config, dump_config
+from .config import Config, check_resume, dump_config
 from .ema import EMA
 from .images import save_grid
 from .objectives import LossOut, Objective
@@ -249,8 +249,15 @@ class Trainer:
         return gather_object([state])
 
     def save_checkpoint(self) -> Path | None:
-        """Called on every process (the RNG gather is collective); the main process writes."""
+        """Called on every process (the RNG gather is collective); the main process writes. A non-finite trained
+        weight or EMA value is never written as a complete checkpoint (nor can it prune the good ones): the run
+        stops, naming the tensor (every process holds the same weights, so every process stops)."""
         tensors, meta = self._state_tensors()
+        bad = next((k for k, v in tensors.items() if k.startswith(("param.", "ema.")) and v.is_floating_point()
+                    and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise NonFiniteError(f"step {self.state.step}: {bad} holds non-finite values; no checkpoint written (the "
+                                 "newest complete one is kept for a resume)")
         if not self.acc.is_main_process:
             return None
         return ckpt.write_checkpoint(self.run_dir, self.state.step, tensors, meta, dump_config(self.cfg),
@@ -385,14 +392,22 @@ class Trainer:
             if removed:
                 self.log(f"removed {len(removed)} incomplete checkpoint folder(s) left by an interrupted save")
         self.acc.wait_for_everyone()
+        main = self.acc.is_main_process
         found = ckpt.find_resume(self.run_dir, tc.resume, log=self.log)
         if found is not None:
             tensors, meta, folder = found
+            saved = folder / "config.yaml"
+            notes = check_resume(saved.read_text(), self.cfg) if saved.is_file() else [
+                f"{folder.name} records no config: the resume is not checked against it"]
+            for note in notes:  # check_resume refused what may not change
+                self.log(note)
+                if main:
+                    with (self.run_dir / "resume_changes.txt").open("a") as f:
+                        f.write(f"{folder.name}: {note}\n")
             self._restore(tensors, meta)
             self.log(f"resumed from {folder} at step {self.state.step}")
         elif tc.init_from:
             self.init_from(tc.init_from)
-        main = self.acc.is_main_process
         if main:
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
             self.log(f"global batch {self.cfg.train.batch_size} x {self.acc.num_processes} process(es) x "

@@ -405,3 +405,44 @@ def test_teacher_pair_pool_is_made_once_streamed_and_resumed_shard_by_shard(tmp_
     assert calls == [0, 1, 2]  # another recipe: made anew
     with pytest.raises(IndexError):
         pool.rows([7])
+
+
+def test_resume_refuses_a_changed_config_naming_each_key(tiny_sd, tmp_path, one_thread):
+    from diffdistill.config import ConfigError
+
+    run = tmp_path / "r"
+    Trainer(_cfg(tiny_sd, run, "train.max_steps=2")).run()
+    with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.002; train.seed: 0 -> 3; set "
+                                          r"train.resume_allow_changes=\[train.lr, train.seed\]"):
+        Trainer(_cfg(tiny_sd, run, "train.max_steps=4", "train.lr=2e-3", "train.seed=3")).run()
+    with pytest.raises(ConfigError, match="student.kind: 'full' -> 'lora'.*change what the checkpoint's tensors are"):
+        Trainer(_cfg(tiny_sd, run, "train.max_steps=4", "student.kind=lora",
+                     "train.resume_allow_changes=[student.kind]")).run()
+    # allowed: cadence and max_steps freely, a named key knowingly; both recorded in the run folder
+    Trainer(_cfg(tiny_sd, run, "train.max_steps=4", "train.sample_every=3", "train.lr=2e-3",
+                 "train.resume_allow_changes=[train.lr]")).run()
+    recorded = (run / "resume_changes.txt").read_text()
+    assert "train.max_steps changed: 2 -> 4" in recorded and "train.lr changed: 0.001 -> 0.002 (allowed" in recorded
+
+
+def test_non_finite_weights_are_never_checkpointed(tiny_sd, tmp_path, one_thread):
+    run = tmp_path / "r"
+    trainer = Trainer(_cfg(tiny_sd, run, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=1"))
+    trainer.run()
+    good = ckpt.complete_checkpoints(run)
+    name = next(iter(trainer.groups["student"]))
+    with torch.no_grad():
+        trainer.groups["student"][name].fill_(float("inf"))
+    trainer.state.step = 6
+    with pytest.raises(NonFiniteError, match=f"param.student.{name} holds non-finite values"):
+        trainer.save_checkpoint()
+    assert ckpt.complete_checkpoints(run) == good  # the good one is neither replaced nor pruned
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.adam_eps=.nan", "student.lora_alpha=.nan",
+                                      "objective.guidance=.inf", "student.timesteps=[1.0, .nan]"])
+def test_every_number_in_a_config_must_be_finite(override):
+    from diffdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must be finite"):
+        load_config(TINY, [override])

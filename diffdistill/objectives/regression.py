@@ -90,8 +90,13 @@ class Regression(Objective):
     def prepare(self, run_dir, device) -> None:
         if self.cfg.num_pairs == 0:
             return
+        import hashlib
+
+        t = self.teacher  # everything that determines the pairs: a change of any remakes the pool
         recipe = {"num_pairs": self.cfg.num_pairs, "teacher_steps": self.cfg.teacher_steps,
-                  "guidance": self.cfg.guidance, "prompts": len(self.prompt_pool)}
+                  "guidance": self.cfg.guidance, "teacher": t.source, "vae": t.vae_source, "dtype": str(t.dtype),
+                  "latent_shape": list(t.latent_shape), "seed": 12345,
+                  "prompts": hashlib.sha256("\n".join(self.prompt_pool).encode()).hexdigest()}
         self.pairs = PairPool.open_or_make(Path(run_dir) / "teacher_pairs", recipe, self.cfg.pair_batch_size,
                                            self.make_shard, device)
 
