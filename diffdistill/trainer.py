@@ -25,6 +25,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,36 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite updates in one phase."""
+
+
+class Preempted(SystemExit):
+    """SIGTERM or SIGUSR1 (what schedulers such as SLURM send before ending a job) arrived: the run saved a
+    checkpoint at the next step boundary and stops with exit status 128 + the signal number (SIGTERM: 143);
+    ``train.resume=auto`` continues it."""
+
+
+class StopSignals:
+    """Records SIGTERM / SIGUSR1 while training (main thread only) instead of dying at once; restores the previous
+    handlers on exit."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -406,6 +438,8 @@ class Trainer:
                         f.write(f"{folder.name}: {note}\n")
             self._restore(tensors, meta)
             self.log(f"resumed from {folder} at step {self.state.step}")
+            if main:
+                trim_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         elif tc.init_from:
             self.init_from(tc.init_from)
         if main:
@@ -418,6 +452,27 @@ class Trainer:
         metrics = (self.run_dir / "metrics.jsonl").open("a") if main else open(os.devnull, "w")
         bar = tqdm(range(self.state.step, tc.max_steps), initial=self.state.step, total=tc.max_steps,
                    desc="train", disable=not self.acc.is_local_main_process)
+        with StopSignals() as stop:
+            self._loop(bar, metrics, stop)
+        metrics.close()
+        if self.state.step == tc.max_steps:
+            final = self.export_final()
+            if final is not None:
+                self.log(f"exported the EMA student to {final}")
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        return self.run_dir
+
+    def _stop_requested(self, stop: StopSignals) -> int | None:
+        """The signal any process received (one collective on several processes, so all stop at the same step)."""
+        if self.acc.num_processes == 1:
+            return stop.received
+        flag = torch.tensor([float(stop.received or 0)], device=self.acc.device)
+        received = int(self.acc.reduce(flag, "max").item())
+        return received or None
+
+    def _loop(self, bar, metrics, stop: StopSignals) -> None:
+        tc = self.cfg.train
         for step in bar:
             records = [self._update(phase, step) for phase in self.phases if step % phase.every == 0]
             if any("student" in self.phase(r["phase"]).modules and not r.get("skipped") for r in records):
@@ -431,25 +486,45 @@ class Trainer:
             if aborts:
                 metrics.close()
                 raise NonFiniteError(aborts[0])
+            metrics.flush()  # every record reaches the file at its step: a kill loses none
             if step % tc.log_every == 0:
-                metrics.flush()
                 bar.set_postfix({k: f"{v:.4g}" for r in records for k, v in r.items()
                                  if isinstance(v, float) and k not in ("lr",)})
             if self.state.step % tc.sample_every == 0 or self.state.step == tc.max_steps:
                 self.save_samples()
             if self.cfg.eval.every and self.state.step % self.cfg.eval.every == 0:
                 self.evaluate_now(metrics)
-            if self.state.step % tc.checkpoint_every == 0 or self.state.step == tc.max_steps:
+            saved = self.state.step % tc.checkpoint_every == 0 or self.state.step == tc.max_steps
+            if saved:
                 self.save_checkpoint()
             self.acc.wait_for_everyone()
-        metrics.close()
-        if self.state.step == tc.max_steps:
-            final = self.export_final()
-            if final is not None:
-                self.log(f"exported the EMA student to {final}")
-        self.acc.wait_for_everyone()
-        self.acc.end_training()
-        return self.run_dir
+            received = self._stop_requested(stop)
+            if received is not None and self.state.step < tc.max_steps:
+                if not saved:
+                    self.save_checkpoint()
+                metrics.close()
+                self.acc.wait_for_everyone()
+                self.log(f"signal {signal.Signals(received).name}: saved a checkpoint at step {self.state.step}; "
+                         "stopping (train.resume=auto continues)")
+                raise Preempted(128 + received)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records of steps at or after ``step`` (an interrupted attempt's, redone by the resume), so that
+    ``metrics.jsonl`` holds one record per phase update and step after any number of resumes; atomic."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a kill
+            continue
+        if record.get("step", 0) < step or (record.get("phase") == "eval" and record.get("step", 0) <= step):
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def record_base(step: int, phase, terms: dict, grad_norm: float, scheduler) -> dict:

@@ -446,3 +446,39 @@ def test_every_number_in_a_config_must_be_finite(override):
 
     with pytest.raises(ConfigError, match="must be finite"):
         load_config(TINY, [override])
+
+
+TERM_SCRIPT = """
+import os, signal, sys
+from diffdistill.config import load_config
+from diffdistill.objectives.regression import Regression
+from diffdistill.trainer import Trainer
+real = Regression.loss
+def loss(self, phase, batch, step):
+    if step == 2:  # the scheduler's notice arrives mid-step
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, phase, batch, step)
+Regression.loss = loss
+Trainer(load_config(sys.argv[1], sys.argv[2:])).run()
+"""
+
+
+def test_sigterm_saves_at_the_next_step_and_the_resumed_run_is_bitwise_equal(tiny_sd, tmp_path, one_thread):
+    run = tmp_path / "run"
+    args = [str(TINY), f"teacher.path={tiny_sd}", f"train.output_dir={run}", "train.max_steps=6",
+            "train.checkpoint_every=4"]
+    proc = subprocess.run([sys.executable, "-c", TERM_SCRIPT, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, check=False)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "signal SIGTERM: saved a checkpoint at step 3" in proc.stdout + proc.stderr
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000003"]
+    assert [r["step"] for r in _losses(run)] == [0, 1, 2]  # flushed per step: nothing of steps 0-2 lost
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + '{"step": 3, "phase": "student"}\n')
+    resumed = Trainer(_cfg(tiny_sd, run, "train.max_steps=6", "train.checkpoint_every=4"))
+    resumed.run()
+    straight = Trainer(_cfg(tiny_sd, tmp_path / "straight", "train.max_steps=6", "train.checkpoint_every=4"))
+    straight.run()
+    a, b = _snapshot(straight), _snapshot(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in _losses(run)] == list(range(6))  # one record per step: the stray step 3 is gone
+    assert _losses(run) == _losses(tmp_path / "straight")
