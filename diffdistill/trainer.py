@@ -416,9 +416,50 @@ class Trainer:
                          nrow=len(prompts), upscale=2)
 
     # -- the loop ---------------------------------------------------------------------------------
+    RUN_MARKER = ".diffdistill-run"
+
+    def claim_run_dir(self) -> None:
+        """``train.output_dir`` must be a new or empty folder, or one of our runs (its marker, or -- from before the
+        marker -- a checkpoint or a config.yaml with metrics.jsonl); never the project's source tree, the teacher's
+        folder or a parent of either. Claimed with the marker."""
+        from .config import ConfigError
+
+        d = self.run_dir.resolve()
+        protected = [Path(__file__).resolve().parent.parent]
+        if Path(self.cfg.teacher.path).exists():
+            protected.append(Path(self.cfg.teacher.path).resolve())
+        for p in protected:
+            if d == p or d in p.parents:
+                raise ConfigError("train.output_dir", f"{self.run_dir} is {'' if d == p else 'a parent of '}{p}: "
+                                  "choose a folder of its own for the run")
+        ours = (d / self.RUN_MARKER).is_file() or bool(ckpt.complete_checkpoints(d)) or (
+            (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file())
+        if d.is_dir() and any(d.iterdir()) and not ours:
+            raise ConfigError("train.output_dir", f"{self.run_dir} is a non-empty folder that is not a diffdistill "
+                              "run: choose a new or empty folder")
+        if self.acc.is_main_process:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / self.RUN_MARKER).write_text("a diffdistill training run\n")
+
+    def fence_branch(self, folder: Path) -> None:
+        """An explicit resume from an older checkpoint starts a new branch: the newer checkpoints of the abandoned
+        one move, kept, to ``checkpoints/abandoned-<step>-<n>/``, so that resume=auto, export and eval follow the
+        branch that ran last."""
+        newer = [p for p in ckpt.complete_checkpoints(self.run_dir)
+                 if int(p.name.split("-")[1]) > int(folder.name.split("-")[1]) and p.resolve() != folder.resolve()]
+        if not newer or not self.acc.is_main_process:
+            return
+        n = sum(1 for _ in ckpt.checkpoints_dir(self.run_dir).glob(f"abandoned-{folder.name}-*"))
+        aside = ckpt.checkpoints_dir(self.run_dir) / f"abandoned-{folder.name}-{n}"
+        aside.mkdir()
+        for p in newer:
+            os.replace(p, aside / p.name)
+        self.log(f"resuming from {folder.name}: the abandoned branch's newer checkpoints "
+                 f"({', '.join(p.name for p in newer)}) moved to {aside}")
+
     def run(self) -> Path:
         tc = self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.claim_run_dir()
         if self.acc.is_main_process:
             removed = ckpt.clean_partial(self.run_dir)
             if removed:
@@ -428,6 +469,8 @@ class Trainer:
         found = ckpt.find_resume(self.run_dir, tc.resume, log=self.log)
         if found is not None:
             tensors, meta, folder = found
+            if tc.resume != "auto":
+                self.fence_branch(folder)
             saved = folder / "config.yaml"
             notes = check_resume(saved.read_text(), self.cfg) if saved.is_file() else [
                 f"{folder.name} records no config: the resume is not checked against it"]

@@ -482,3 +482,32 @@ def test_sigterm_saves_at_the_next_step_and_the_resumed_run_is_bitwise_equal(tin
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in _losses(run)] == list(range(6))  # one record per step: the stray step 3 is gone
     assert _losses(run) == _losses(tmp_path / "straight")
+
+
+def test_output_dir_must_be_a_run_of_ours_and_never_the_teacher_or_the_source_tree(tiny_sd, tmp_path, one_thread):
+    from diffdistill.config import ConfigError
+
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"not ours")
+    with pytest.raises(ConfigError, match="non-empty folder that is not a diffdistill run"):
+        Trainer(_cfg(tiny_sd, other, "train.max_steps=1")).run()
+    assert sorted(p.name for p in other.iterdir()) == ["holiday.jpg"]
+    for bad in (tiny_sd, str(Path(tiny_sd).parent), str(ROOT)):
+        with pytest.raises(ConfigError, match="choose a folder of its own"):
+            Trainer(_cfg(tiny_sd, bad, "train.max_steps=1")).run()
+    run = tmp_path / "run"
+    Trainer(_cfg(tiny_sd, run, "train.max_steps=1")).run()
+    assert (run / Trainer.RUN_MARKER).is_file()
+    Trainer(_cfg(tiny_sd, run, "train.max_steps=2")).run()  # ours: resumed
+
+
+def test_resuming_an_older_checkpoint_fences_the_abandoned_branch(tiny_sd, tmp_path, one_thread):
+    run = tmp_path / "run"
+    Trainer(_cfg(tiny_sd, run, "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3")).run()
+    older = run / "checkpoints" / "step-000002"
+    Trainer(_cfg(tiny_sd, run, "train.max_steps=3", f"train.resume={older}", "train.checkpoint_every=2",
+                 "train.keep_checkpoints=3")).run()
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000003", "step-000002"]
+    aside = run / "checkpoints" / "abandoned-step-000002-0"
+    assert sorted(p.name for p in aside.iterdir()) == ["step-000004", "step-000006"]  # kept, out of auto's way
