@@ -135,6 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--images-per-shard", type=int, default=1000)
     ap.add_argument("--out", default="runs/bench/lcm_reference")
     ap.add_argument("--overwrite", action="store_true", help="delete a non-empty --out first")
+    ap.add_argument("--score-only", action="store_true", help="do not train: score the two students an earlier run "
+                    "left in --out (process times are then not known)")
     ap.add_argument("overrides", nargs="*", help="more dotted overrides of our config (applied to both sides "
                     "where the script has the setting)")
     args = ap.parse_args(argv)
@@ -512,13 +514,14 @@ def report(rows: list[dict], ratio: float, st: Settings, floor: float | None) ->
         return "n/a" if v is None else f.format(v)
 
     head = (f"| run | steps | batch | LoRA rank | steps/s | loop s | process s | {len(st.timesteps)}-step FID | "
-            "FID/floor | prompt acc | CLIP | diversity |")
-    lines = [head, "|" + "---|" * 12]
+            "FID/floor | prompt acc | classifier acc | classifier FD | CLIP | diversity |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r['label']} | {st.steps} | {st.batch_size} | {st.lora_rank} | "
                      f"{fmt(r.get('steps_per_s'), '{:.3f}')} | {fmt(r.get('loop_seconds'), '{:.1f}')} | "
                      f"{fmt(r.get('process_seconds'), '{:.1f}')} | {fmt(r.get('fid'), '{:.3f}')} | "
                      f"{fmt(r.get('fid_ratio_to_floor'), '{:.2f}')} | {fmt(r.get('prompt_accuracy'), '{:.3f}')} | "
+                     f"{fmt(r.get('classifier_accuracy'), '{:.3f}')} | {fmt(r.get('classifier_fd'), '{:.1f}')} | "
                      f"{fmt(r.get('clip_score'), '{:.3f}')} | {fmt(r.get('diversity'), '{:.3f}')} |")
     lines.append("")
     lines.append(f"steps/s ratio ours / diffusers: {ratio:.3f}x")
@@ -550,6 +553,12 @@ def main(argv=None) -> int:
         print(f"bench: our config {args.config}: {err}", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
+    teacher = str(Path(config.teacher.path).resolve()) if Path(config.teacher.path).exists() else config.teacher.path
+    if args.score_only:  # both trainings already ran into --out: score them again (e.g. under a new metric)
+        if not ((out / "diffusers").is_dir() and (out / "ours").is_dir()):
+            print(f"bench: --score-only needs {out}/diffusers and {out}/ours from an earlier run", file=sys.stderr)
+            return 2
+        return finish(args, st, out, teacher, (None, None), ([None] * 3, None), info)
     prepare_out(out, args.overwrite)
     print(f"settings (both sides): {json.dumps(asdict(st))}")
     if info.bypass_version_check:
@@ -596,7 +605,8 @@ def finish(args, st: Settings, out: Path, teacher: str, seconds: tuple, cmds: tu
     text = report(rows, ratio, st, rows[0].get("fid_real_floor"))
     print("\n" + text)
     keep = ("label", "steps_per_s", "loop_seconds", "timed_steps", "process_seconds", "fid", "fid_real_floor",
-            "fid_ratio_to_floor", "prompt_accuracy", "clip_score", "diversity", "precision", "recall", "num_images")
+            "fid_ratio_to_floor", "prompt_accuracy", "classifier_accuracy", "classifier_accuracy_per_digit",
+            "classifier_fd", "evaluators_disagree", "clip_score", "diversity", "precision", "recall", "num_images")
     summary = {"settings": asdict(st), "ratio_steps_per_s_ours_over_diffusers": ratio, "stock_latent_gap": gap,
                "diffusers_script": info.path, "diffusers_autocast": args.diffusers_autocast, "threads": args.threads,
                "ours_data": args.ours_data, "rows": [{k: r.get(k) for k in keep} for r in rows],
