@@ -103,6 +103,7 @@ class Trainer:
             raise RuntimeError(f"launched as {launched} processes but accelerate sees {self.acc.num_processes}: "
                                "each would train alone. Launch with torchrun or `accelerate launch` (see README)")
         self.log = self.acc.print
+        self.claim_run_dir()  # before anything is loaded or written
         self._build()
 
     # -- construction ---------------------------------------------------------------------------
@@ -459,7 +460,7 @@ class Trainer:
 
     def run(self) -> Path:
         tc = self.cfg.train
-        self.claim_run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.acc.is_main_process:
             removed = ckpt.clean_partial(self.run_dir)
             if removed:
