@@ -388,6 +388,8 @@ def check_resume(saved_yaml: str, config: Config) -> list[str]:
     always), naming each with its old and new value; returns one line per accepted change. Keys the checkpoint's
     config lacks (added by a later version) are not compared."""
     old, new = _flat(yaml.safe_load(saved_yaml) or {}), _flat(config_to_dict(config))
+    if old.get("objective.fake_score") == "auto":  # before 'auto' was removed: a copy for full students, else an adapter
+        old["objective.fake_score"] = "full" if old.get("student.kind") == "full" else "lora"
     changed = [(k, old[k], v) for k, v in new.items() if k in old and old[k] != v]
     allowed = set(config.train.resume_allow_changes)
 

@@ -10,7 +10,9 @@ allocated; every figure is counted from the tensors the run would create:
 - gradients: fp32, one per trained element; AdamW: two fp32 moments per trained element (``exp_avg``,
   ``exp_avg_sq``); EMA: one fp32 shadow per element of the student's trained tensors.
 
-Their sum is the *static* memory of one process: under DDP every process holds all of it. Activations are not
+Their sum is the *static* memory of one process: under DDP every process holds all of it. Gradients of every trained
+group are counted at once: a bound from above on one process, where each phase's are freed after its update;
+under DDP the gradient buckets hold about as much again for the phase running. Activations are not
 estimated: they depend on kernels, resolution and checkpointing and are reported only where measured on a GPU
 (none is on record yet), never guessed.
 """
@@ -209,8 +211,8 @@ def format_plan(p: Plan) -> str:
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     out = [head, "", fmt.format(*cols), *(fmt.format(*row) for row in lines), ""]
     static = p.static_bytes / GB
-    out.append(f"static per process: {static:.2f} GB (every process of a DDP run holds all of it); activations: not "
-               "measured (no GPU measurement on record)")
+    out.append(f"static per process: {static:.2f} GB (every process of a DDP run holds all of it; gradients of all "
+               "phases counted at once); activations: not measured (no GPU measurement on record)")
     if p.gpu_memory_gb is not None:
         verdict = "fits" if static < p.gpu_memory_gb else "does NOT fit"
         out.append(f"against {p.gpu_memory_gb:g} GB per GPU: the static part {verdict} "

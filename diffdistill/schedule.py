@@ -67,6 +67,10 @@ class Schedule:
         schedules (uniform timesteps); :class:`FlowSchedule` shifts it."""
         return _as_time(u)
 
+    def training_draw(self, t) -> torch.Tensor:
+        """The inverse of :meth:`training_time`: the uniform draw whose noise level is ``t``."""
+        return _as_time(t)
+
     def alpha(self, t) -> torch.Tensor:
         raise NotImplementedError
 
@@ -247,6 +251,9 @@ class FlowSchedule(Schedule):
     def training_time(self, u) -> torch.Tensor:
         """``shift_t(u)``: a flow teacher's training sigmas are its uniform ones shifted (SD3: shift 3)."""
         return self.shift_t(u)
+
+    def training_draw(self, t) -> torch.Tensor:
+        return self.unshift_t(t)
 
     def unshift_t(self, t) -> torch.Tensor:
         """The inverse of :meth:`shift_t`: ``t / (shift - (shift - 1) * t)``."""

@@ -442,16 +442,16 @@ class Trainer:
             d.mkdir(parents=True, exist_ok=True)
             (d / self.RUN_MARKER).write_text("a diffdistill training run\n")
 
-    def fence_branch(self, folder: Path) -> None:
+    def fence_branch(self, folder: Path, step: int) -> None:
         """An explicit resume from an older checkpoint starts a new branch: the newer checkpoints of the abandoned
         one move, kept, to ``checkpoints/abandoned-<step>-<n>/``, so that resume=auto, export and eval follow the
         branch that ran last."""
         newer = [p for p in ckpt.complete_checkpoints(self.run_dir)
-                 if int(p.name.split("-")[1]) > int(folder.name.split("-")[1]) and p.resolve() != folder.resolve()]
+                 if int(p.name.split("-")[1]) > step and p.resolve() != folder.resolve()]
         if not newer or not self.acc.is_main_process:
             return
-        n = sum(1 for _ in ckpt.checkpoints_dir(self.run_dir).glob(f"abandoned-{folder.name}-*"))
-        aside = ckpt.checkpoints_dir(self.run_dir) / f"abandoned-{folder.name}-{n}"
+        n = sum(1 for _ in ckpt.checkpoints_dir(self.run_dir).glob(f"abandoned-step-{step:06d}-*"))
+        aside = ckpt.checkpoints_dir(self.run_dir) / f"abandoned-step-{step:06d}-{n}"
         aside.mkdir()
         for p in newer:
             os.replace(p, aside / p.name)
@@ -470,8 +470,6 @@ class Trainer:
         found = ckpt.find_resume(self.run_dir, tc.resume, log=self.log)
         if found is not None:
             tensors, meta, folder = found
-            if tc.resume != "auto":
-                self.fence_branch(folder)
             saved = folder / "config.yaml"
             notes = check_resume(saved.read_text(), self.cfg) if saved.is_file() else [
                 f"{folder.name} records no config: the resume is not checked against it"]
@@ -481,11 +479,16 @@ class Trainer:
                     with (self.run_dir / "resume_changes.txt").open("a") as f:
                         f.write(f"{folder.name}: {note}\n")
             self._restore(tensors, meta)
+            if tc.resume != "auto":  # checked and restored: only now is the older checkpoint the branch that runs
+                self.fence_branch(folder, self.state.step)
             self.log(f"resumed from {folder} at step {self.state.step}")
             if main:
                 trim_metrics(self.run_dir / "metrics.jsonl", self.state.step)
-        elif tc.init_from:
-            self.init_from(tc.init_from)
+        else:
+            if main:  # a fresh start: records of an attempt that died before its first checkpoint are redone
+                trim_metrics(self.run_dir / "metrics.jsonl", 0)
+            if tc.init_from:
+                self.init_from(tc.init_from)
         if main:
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
             self.log(f"global batch {self.cfg.train.batch_size} x {self.acc.num_processes} process(es) x "

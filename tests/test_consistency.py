@@ -206,6 +206,21 @@ def test_pcm_adversarial_levels_lie_in_the_phase_from_its_edge(tiny_sd, tmp_path
     assert pairs == {(e, a) for e, levels in allowed.items() for a in levels}, pairs
 
 
+def test_pcm_full_student_target_moves_only_after_student_updates(tiny_sd, tmp_path, one_thread):
+    trainer = Trainer(load_config(TINY, [f"teacher.path={tiny_sd}", f"train.output_dir={tmp_path / 'r'}",
+                                         "objective={name: pcm, num_phases: 2, adv_weight: 0.5}", "data.images=digits",
+                                         "student.timesteps=[1.0, 0.5]", "student.gamma=0"]))
+    obj = trainer.objective
+    with torch.no_grad():
+        for p in trainer.groups["student"].values():
+            p.add_(0.01)
+    before = [p.detach().clone() for p in obj.target.backbone.denoiser.parameters()]
+    obj.after_update("disc")
+    assert all(torch.equal(a, p) for a, p in zip(before, obj.target.backbone.denoiser.parameters()))
+    obj.after_update("student")
+    assert any(not torch.equal(a, p) for a, p in zip(before, obj.target.backbone.denoiser.parameters()))
+
+
 def test_noise_transition_keeps_the_marginal():
     """x_s = alpha_s x0 + sigma_s e1 moved to t: mean alpha_t x0, noise variance sigma_t^2 (both schedules)."""
     from diffdistill.schedule import FlowSchedule, VPSchedule
@@ -218,6 +233,8 @@ def test_noise_transition_keeps_the_marginal():
         e1, e2 = torch.tensor([[1.0, 0.0]] * 2), torch.tensor([[0.0, 1.0]] * 2)  # orthogonal unit noises
         moved = sched.transition(sched.add_noise(torch.zeros(2, 2), e1, s), s, t, e2)
         assert torch.allclose((moved ** 2).sum(1), (sched.sigma(t) ** 2).float(), atol=1e-6)
+        u = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+        assert torch.allclose(sched.training_draw(sched.training_time(u)), u)  # the DM bound's inverse
 
 
 def test_pcm_a_discriminator_step_separates_targets_from_student_outputs(tiny_sd, tmp_path, one_thread):

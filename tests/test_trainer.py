@@ -503,11 +503,27 @@ def test_output_dir_must_be_a_run_of_ours_and_never_the_teacher_or_the_source_tr
 
 
 def test_resuming_an_older_checkpoint_fences_the_abandoned_branch(tiny_sd, tmp_path, one_thread):
+    from diffdistill.config import ConfigError
+
     run = tmp_path / "run"
     Trainer(_cfg(tiny_sd, run, "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3")).run()
     older = run / "checkpoints" / "step-000002"
+    with pytest.raises(ConfigError, match="train.lr"):  # a refused resume moves nothing
+        Trainer(_cfg(tiny_sd, run, "train.max_steps=3", f"train.resume={older}", "train.lr=5e-3")).run()
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000006", "step-000004", "step-000002"]
     Trainer(_cfg(tiny_sd, run, "train.max_steps=3", f"train.resume={older}", "train.checkpoint_every=2",
                  "train.keep_checkpoints=3")).run()
     assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000003", "step-000002"]
     aside = run / "checkpoints" / "abandoned-step-000002-0"
     assert sorted(p.name for p in aside.iterdir()) == ["step-000004", "step-000006"]  # kept, out of auto's way
+
+
+def test_a_checkpoint_of_the_removed_auto_fake_score_resumes_as_what_it_was():
+    from diffdistill.config import check_resume, config_to_dict, dump_config
+    import yaml
+
+    new = load_config(TINY, ["objective={name: dmd2}", "data.images=digits"])
+    old = config_to_dict(new)
+    old["objective"]["fake_score"] = "auto"  # full student: auto was a copy, as full is now
+    assert check_resume(yaml.safe_dump(old), new) == []
+    assert check_resume(dump_config(new), new) == []

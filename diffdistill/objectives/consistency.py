@@ -153,7 +153,7 @@ class ConsistencyDistillation(Objective):
 
     @torch.no_grad()
     def after_update(self, phase: str) -> None:
-        if self.target is None:
+        if self.target is None or phase != "student":  # the student moved (PCM's disc phase leaves it as it is)
             return
         live = self.student.backbone.denoiser.parameters()
         for tp, p in zip(self.target.backbone.denoiser.parameters(), live):

@@ -217,7 +217,8 @@ class DMD2(ScoreDistillation):
         """The student-phase loss on its sample ``x``, the output of step ``k``: distribution matching (+ GAN,
         + regression)."""
         c = self.cfg
-        hi = min(c.max_t, self.student.timesteps[k]) if (c.dm_below_input and k > 0) else c.max_t
+        below = float(self.teacher.backbone.schedule.training_draw(self.student.timesteps[k]))  # the draw that lands on t_k
+        hi = min(c.max_t, below) if (c.dm_below_input and k > 0) else c.max_t
         guidance = c.later_real_guidance if (k > 0 and c.later_real_guidance is not None) else c.real_guidance
         x_t, t, _ = self.noised(batch, x.detach(), c.min_t, hi)
         with torch.no_grad():
