@@ -519,8 +519,9 @@ def test_resuming_an_older_checkpoint_fences_the_abandoned_branch(tiny_sd, tmp_p
 
 
 def test_a_checkpoint_of_the_removed_auto_fake_score_resumes_as_what_it_was():
-    from diffdistill.config import check_resume, config_to_dict, dump_config
     import yaml
+
+    from diffdistill.config import check_resume, config_to_dict, dump_config
 
     new = load_config(TINY, ["objective={name: dmd2}", "data.images=digits"])
     old = config_to_dict(new)
