@@ -47,8 +47,24 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's contents to disk (a rename is durable only once both are)."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    path.write_text(text)
+    os.chmod(path, 0o644)
+    fsync_path(path)
+
+
 def save_state(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Atomically write ``tensors`` and JSON ``meta`` to ``path`` (a ``.safetensors`` file)."""
+    """Atomically and durably write ``tensors`` and JSON ``meta`` to ``path`` (a ``.safetensors`` file, mode
+    0644): written beside it, flushed to disk, renamed, and the folder flushed."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -56,7 +72,10 @@ def save_state(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
               metadata={"diffdistill": json.dumps(meta)})
+    os.chmod(tmp, 0o644)
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(path.parent)
     return path
 
 
@@ -115,11 +134,13 @@ def write_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Te
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_state(tmp / STATE_FILE, tensors, meta)
-    (tmp / "config.yaml").write_text(config_yaml)
-    (tmp / MARKER).write_text(json.dumps({"step": step}))
+    write_text_durably(tmp / "config.yaml", config_yaml)
+    write_text_durably(tmp / MARKER, json.dumps({"step": step}))
+    fsync_path(tmp)
     if final.exists():  # re-saving the same step (e.g. the final one): replace the old copy
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_path(root)  # the rename is on disk before anything older is pruned
     for old in complete_checkpoints(run_dir)[keep:]:
         shutil.rmtree(old)
     return final

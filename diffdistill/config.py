@@ -126,6 +126,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | a checkpoint folder
     init_from: str | None = None  # a checkpoint or run folder: every trained group it holds starts from its weights
     resume_allow_changes: list[str] = field(default_factory=list)  # config keys a resume may change knowingly
+    process_group_timeout: int | None = None  # seconds a collective may wait (None: torch's default, 10 min for NCCL)
     sample_every: int = 250
     log_every: int = 10
     grad_clip: float = 1.0
@@ -153,6 +154,8 @@ class TrainConfig:
         _check(self.mixed_precision in ("no", "fp16", "bf16"), f"{p}.mixed_precision",
                f"must be no, fp16 or bf16, got {self.mixed_precision!r}")
         _check(bool(self.output_dir), f"{p}.output_dir", "must be a folder path")
+        _check(self.process_group_timeout is None or self.process_group_timeout > 0, f"{p}.process_group_timeout",
+               f"must be a positive number of seconds or null, got {self.process_group_timeout}")
         for i, tracker in enumerate(self.log_with):
             _check(tracker in ("tensorboard", "wandb"), f"{p}.log_with[{i}]",
                    f"must be tensorboard or wandb (or leave the list empty), got {tracker!r}")
@@ -363,7 +366,8 @@ def dump_config(config: Config) -> str:
 # consequence for the LR schedule stated
 RESUME_MAY_CHANGE = ("train.max_steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.resume", "train.log_with", "train.resume_allow_changes",
-                     "train.output_dir", "train.init_from", "train.max_consecutive_nonfinite", "eval.")
+                     "train.output_dir", "train.init_from", "train.max_consecutive_nonfinite",
+                     "train.process_group_timeout", "eval.")
 # keys that change what the checkpoint's tensors are: never resumed across
 RESUME_STRUCTURAL = ("objective.name", "teacher.path", "student.kind", "student.lora_rank", "student.lora_targets",
                      "student.guidance_embedding_dim", "objective.fake_score", "objective.fake_lora_rank",

@@ -88,8 +88,10 @@ class RunState:
 
 class Trainer:
     def __init__(self, config: Config, accelerator=None):
+        from datetime import timedelta
+
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         self.cfg, tc = config, config.train
         self.run_dir = Path(tc.output_dir)
@@ -97,7 +99,9 @@ class Trainer:
         self.acc = accelerator or Accelerator(
             mixed_precision=tc.mixed_precision if cuda else "no", cpu=not cuda,  # cpu: gloo under torchrun
             log_with=tc.log_with or None, project_dir=str(self.run_dir / "logs"),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True), *(
+                [InitProcessGroupKwargs(timeout=timedelta(seconds=tc.process_group_timeout))]
+                if tc.process_group_timeout else [])])  # e.g. while the main process makes a teacher-pair pool
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.acc.num_processes:
             raise RuntimeError(f"launched as {launched} processes but accelerate sees {self.acc.num_processes}: "

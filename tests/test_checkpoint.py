@@ -62,3 +62,22 @@ def test_ema_tracks_with_warmup():
     assert torch.allclose(target.weight, torch.ones(1, 2), atol=1e-6)
     with pytest.raises(ValueError):
         EMA(net, decay=1.0)
+
+
+def test_checkpoint_files_are_readable_by_others_and_flushed(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    import torch
+
+    from diffdistill import checkpoint as ckpt
+
+    flushed = []
+    real = ckpt.fsync_path
+    monkeypatch.setattr(ckpt, "fsync_path", lambda p: (flushed.append(str(p)), real(p)))
+    folder = ckpt.write_checkpoint(tmp_path, 3, {"param.x": torch.ones(2)}, {"step": 3}, "a: 1\n", keep=2)
+    for name in (ckpt.STATE_FILE, "config.yaml", ckpt.MARKER):
+        assert stat.S_IMODE(os.stat(folder / name).st_mode) == 0o644, name
+    root = str(ckpt.checkpoints_dir(tmp_path))
+    assert root in flushed and any(p.endswith(ckpt.MARKER) for p in flushed)
+    assert flushed.index(root) == len(flushed) - 1  # the rename reached the disk last, before any pruning

@@ -528,3 +528,15 @@ def test_a_checkpoint_of_the_removed_auto_fake_score_resumes_as_what_it_was():
     old["objective"]["fake_score"] = "auto"  # full student: auto was a copy, as full is now
     assert check_resume(yaml.safe_dump(old), new) == []
     assert check_resume(dump_config(new), new) == []
+
+
+def test_process_group_timeout_reaches_accelerate(tiny_sd, tmp_path):
+    from datetime import timedelta
+
+    from diffdistill.config import ConfigError
+
+    trainer = Trainer(_cfg(tiny_sd, tmp_path / "r", "train.process_group_timeout=7200"))
+    handler = trainer.acc.init_handler
+    assert handler is not None and handler.timeout == timedelta(seconds=7200)
+    with pytest.raises(ConfigError, match="train.process_group_timeout"):
+        _cfg(tiny_sd, tmp_path / "r", "train.process_group_timeout=0")
