@@ -437,9 +437,11 @@ class Trainer:
             if d == p or d in p.parents:
                 raise ConfigError("train.output_dir", f"{self.run_dir} is {'' if d == p else 'a parent of '}{p}: "
                                   "choose a folder of its own for the run")
+        # listed first, the marker aside: another process of this run may be writing it at this very moment
+        foreign = [e for e in (d.iterdir() if d.is_dir() else []) if e.name != self.RUN_MARKER]
         ours = (d / self.RUN_MARKER).is_file() or bool(ckpt.complete_checkpoints(d)) or (
             (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file())
-        if d.is_dir() and any(d.iterdir()) and not ours:
+        if foreign and not ours:
             raise ConfigError("train.output_dir", f"{self.run_dir} is a non-empty folder that is not a diffdistill "
                               "run: choose a new or empty folder")
         if self.acc.is_main_process:
